@@ -1,0 +1,12 @@
+"""moa-search: per-head elastic sparse attention (MoA) for Hugging Face models.
+
+    plan = moa_search.load_plan("plan.json")
+    model = moa_search.apply_plan(model, plan)   # model(...) and model.generate(...) now sparse
+"""
+__version__ = "0.1.0"
+
+from .plan import ModelShape, Plan, PlanError, load_plan, save_plan, uniform_plan, plan_from_moa  # noqa: E402
+from .apply import apply_plan, remove_plan  # noqa: E402
+
+__all__ = ["__version__", "ModelShape", "Plan", "PlanError", "load_plan", "save_plan", "uniform_plan",
+           "plan_from_moa", "apply_plan", "remove_plan"]

@@ -1,0 +1,63 @@
+"""Load a plan into a Hugging Face model: `apply_plan(model, plan)`.
+
+No model class is patched: each attention module gets a `moa_rule` attribute and the
+model's attention implementation is switched to the registered "moa" function.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .attention import ATTN_NAME, LayerRule, register
+from .plan import ModelShape, Plan, check_plan_fits, load_plan
+
+
+def attention_modules(model) -> list:
+    """The model's self-attention modules ordered by layer_idx (one per decoder layer)."""
+    found = {}
+    for mod in model.modules():
+        idx = getattr(mod, "layer_idx", None)
+        if idx is not None and hasattr(mod, "num_key_value_groups") and type(mod).__name__.endswith("Attention"):
+            found.setdefault(int(idx), mod)
+    return [found[i] for i in sorted(found)]
+
+
+def apply_plan(model, plan: Plan | str, backend: str = "auto"):
+    """Attach `plan`'s rules to `model` and route attention through moa-search. Returns the model.
+
+    plan: a Plan or a path to a plan file. backend: "auto" (Triton kernels on CUDA when
+    available, the PyTorch reference otherwise) or "reference".
+    Raises PlanError if the plan's shape differs from the model's, naming the fields.
+    """
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    shape = ModelShape.from_config(model.config)
+    check_plan_fits(plan, shape)
+    if plan.model.fingerprint and shape.fingerprint and plan.model.fingerprint != shape.fingerprint:
+        warnings.warn(f"plan was profiled on a model with config fingerprint {plan.model.fingerprint}, this model has "
+                      f"{shape.fingerprint}: same attention shape, other config (fine-tune or variant?)", stacklevel=2)
+    mods = attention_modules(model)
+    if len(mods) != shape.num_layers:
+        raise RuntimeError(f"found {len(mods)} attention modules with layer_idx, expected {shape.num_layers}")
+    register()
+    alpha, beta = plan.query_rules()
+    for layer, mod in enumerate(mods):
+        mod.moa_rule = LayerRule(sink=plan.sink, alpha=torch.as_tensor(alpha[layer]),
+                                 beta=torch.as_tensor(beta[layer]), min_span=plan.min_span, backend=backend)
+    if getattr(model, "moa_plan", None) is None:
+        model._moa_previous_attn = model.config._attn_implementation
+    model.moa_plan = plan
+    model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def remove_plan(model):
+    """Undo apply_plan: back to the attention implementation the model had before."""
+    for mod in attention_modules(model):
+        if hasattr(mod, "moa_rule"):
+            del mod.moa_rule
+    prev = getattr(model, "_moa_previous_attn", None) or "sdpa"
+    model.moa_plan = None
+    model.set_attn_implementation(prev)
+    return model

@@ -1,0 +1,116 @@
+"""The one attention function registered with transformers (name "moa").
+
+transformers 5.x attention modules call `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`
+with (module, query, key, value, attention_mask, scaling=..., ...) after updating the
+cache. `apply_plan` attaches a `LayerRule` to each attention module (`module.moa_rule`);
+this function turns it into per-sequence spans and runs the sparse attention backend.
+
+The mask hook registered under the same name passes the 2D padding mask through (as the
+flash-attention path does), so the function knows where each sequence's real tokens start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import rules as R
+
+ATTN_NAME = "moa"
+
+
+@dataclass
+class LayerRule:
+    """Rules of one layer, per query head. alpha, beta: float64 [Hq]."""
+
+    sink: int
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    min_span: int = 1
+    backend: str = "auto"  # "auto" (Triton on CUDA when available), "reference"
+
+    def spans(self, n: torch.Tensor) -> torch.Tensor:
+        """n: int64 [B] real lengths -> int64 [B, Hq] windows."""
+        return R.span(self.alpha.to(n.device)[None, :], self.beta.to(n.device)[None, :], n[:, None], self.min_span)
+
+
+def padding_bounds(attention_mask: torch.Tensor | None, batch: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end) int64 [B] of each sequence's real keys, from a 2D [B, Nk] mask (True/1 = real).
+
+    Real tokens must be contiguous (left or right padding, as tokenizers produce).
+    """
+    if attention_mask is None:
+        return (torch.zeros(batch, dtype=torch.long, device=device),
+                torch.full((batch,), nk, dtype=torch.long, device=device))
+    if attention_mask.dim() != 2:
+        raise ValueError(f"moa attention expects a 2D padding mask, got shape {tuple(attention_mask.shape)}")
+    m = attention_mask[:, -nk:].bool()
+    n_real = m.sum(-1)
+    start = torch.where(n_real > 0, m.float().argmax(-1), torch.zeros_like(n_real))
+    end = start + n_real
+    j = torch.arange(nk, device=m.device)
+    contiguous = ((j[None] >= start[:, None]) & (j[None] < end[:, None])) == m
+    if not bool(contiguous.all()):
+        raise ValueError("moa attention needs each sequence's real tokens to be contiguous (left or right padding only)")
+    return start.to(device), end.to(device)
+
+
+Backend = Callable[..., torch.Tensor]
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, fn: Backend) -> None:
+    """Kernels register themselves here (e.g. "triton"); "reference" is always present."""
+    _BACKENDS[name] = fn
+
+
+def pick_backend(rule: LayerRule, query: torch.Tensor) -> str:
+    if rule.backend != "auto":
+        return rule.backend
+    if query.is_cuda and "triton" in _BACKENDS:
+        return "triton"
+    return "reference"
+
+
+def moa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B, Hq, Nq, D], key/value [B, Hkv, Nk, D] -> ([B, Nq, Hq, D], None)."""
+    rule: LayerRule | None = getattr(module, "moa_rule", None)
+    if rule is None:
+        raise RuntimeError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs the 'moa' attention "
+            "but has no plan attached; use moa_search.apply_plan(model, plan)"
+        )
+    if dropout and module.training:
+        raise NotImplementedError("moa attention has no dropout; call model.eval()")
+    B, Hq, Nq, D = query.shape
+    Nk = key.shape[2]
+    start, end = padding_bounds(attention_mask, B, Nk, query.device)
+    span = rule.spans(end - start)
+    scale = D ** -0.5 if scaling is None else scaling
+    name = pick_backend(rule, query)
+    fn = _BACKENDS[name]
+    capture = getattr(module, "moa_capture", None)
+    if capture is not None:  # the profiler wraps the backend to see Q, K, V, O and dO
+        out = capture(fn, query, key, value, rule.sink, span, start, end, scale)
+    else:
+        out = fn(query, key, value, rule.sink, span, start, end, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _reference_backend(q, k, v, sink, span, start, end, scale):
+    from moa_search.kernels.reference import sparse_attention_reference
+
+    return sparse_attention_reference(q, k, v, sink, span, start, end, scale)
+
+
+register_backend("reference", _reference_backend)
+
+
+def register() -> None:
+    """Register the attention function and its mask hook with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ATTN_NAME, moa_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, flash_attention_mask)

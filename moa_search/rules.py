@@ -1,0 +1,170 @@
+"""Elastic sink + window rules: the kept set, the two densities, the candidate grid.
+
+A head's rule at input length N keeps, for query row i (0-based, causal),
+
+    kept(i) = { j <= i : j < sink  or  i - j < span(N) }
+    span(N) = clamp(floor(alpha + beta * N), min_span, N)
+
+Every other module (kernels' references, the profiler, the optimizer, the CLI) computes
+the kept set and the densities through the functions here, so a plan means the same
+thing everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One elastic rule: span(N) = clamp(floor(alpha + beta * N), min_span, N)."""
+
+    alpha: float
+    beta: float
+
+    def span(self, n: int, min_span: int = 1) -> int:
+        return int(span(self.alpha, self.beta, n, min_span))
+
+    def __str__(self) -> str:
+        return f"{self.alpha:g}+{self.beta:g}N"
+
+
+def span(alpha, beta, n, min_span: int = 1):
+    """Window length at input length n (tokens, excluding the sink).
+
+    alpha, beta, n: scalars, numpy arrays or tensors (broadcast). Returns integers of
+    the same kind. The raw value floor(alpha + beta*n) is clamped to [min_span, n].
+    """
+    if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor) or isinstance(n, torch.Tensor):
+        alpha, beta, n = (torch.as_tensor(x, dtype=torch.float64) for x in (alpha, beta, n))
+        raw = torch.floor(alpha + beta * n)
+        return torch.minimum(torch.clamp(raw, min=min_span), n).to(torch.int64)
+    raw = np.floor(np.asarray(alpha, dtype=np.float64) + np.asarray(beta, dtype=np.float64) * np.asarray(n, dtype=np.float64))
+    out = np.minimum(np.maximum(raw, min_span), n).astype(np.int64)
+    return out if out.ndim else int(out)
+
+
+def raw_span(alpha, beta, n):
+    """floor(alpha + beta*n) before clamping: a candidate rule is valid at n iff 0 < raw <= n."""
+    return np.floor(np.asarray(alpha, dtype=np.float64) + np.asarray(beta, dtype=np.float64) * np.asarray(n, dtype=np.float64))
+
+
+def kept(q_pos: torch.Tensor, k_pos: torch.Tensor, sink, span) -> torch.Tensor:
+    """The kept set as a boolean mask (attention-gym style: broadcast over any shape).
+
+    q_pos, k_pos: integer positions counted from the first real token of the sequence
+    (e.g. q_pos[..., :, None] and k_pos[..., None, :]). sink, span: ints or tensors that
+    broadcast against them (e.g. [H, 1, 1] for per-head rules). True = attend.
+    """
+    return (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < span))
+
+
+def kept_matrix(n: int, sink: int, span: int, device=None) -> torch.Tensor:
+    """[n, n] bool mask of one head's rule at length n (prefill: every row uses span(n))."""
+    pos = torch.arange(n, device=device)
+    return kept(pos[:, None], pos[None, :], sink, span)
+
+
+def kv_density(sink, span, n):
+    """Cached tokens / n = min(sink + span, n) / n (decode memory). Broadcasts."""
+    sink, span, n = (np.asarray(x, dtype=np.float64) for x in (sink, span, n))
+    return np.minimum(sink + span, n) / n
+
+
+def kept_pairs(sink, span, n):
+    """Number of kept (i, j) pairs of the causal n x n matrix, closed form. Broadcasts.
+
+    Row i keeps min(span, i+1) window entries plus the sink entries left of the window,
+    max(0, min(sink, i - span + 1)). Summed over rows:
+      window: s(s+1)/2 + (n - s) s            with s = min(span, n)
+      sink:   k(k+1)/2 + (m - k) sink         with m = max(0, n - span), k = min(sink, m)
+    """
+    sink, span, n = (np.asarray(x, dtype=np.int64) for x in (sink, span, n))
+    s = np.minimum(span, n)
+    window = s * (s + 1) // 2 + (n - s) * s
+    m = np.maximum(0, n - span)
+    k = np.minimum(sink, m)
+    sink_part = k * (k + 1) // 2 + (m - k) * sink
+    return window + sink_part
+
+
+def compute_density(sink, span, n):
+    """Kept pairs / causal pairs n(n+1)/2 (prefill FLOPs). Broadcasts."""
+    n64 = np.asarray(n, dtype=np.int64)
+    return kept_pairs(sink, span, n) / (n64 * (n64 + 1) / 2)
+
+
+def density(kind: str, sink, span, n):
+    """kind 'kv' or 'compute'."""
+    if kind == "kv":
+        return kv_density(sink, span, n)
+    if kind == "compute":
+        return compute_density(sink, span, n)
+    raise ValueError(f"density kind must be 'kv' or 'compute', got {kind!r}")
+
+
+def candidate_grid(
+    lengths: Sequence[int],
+    alphas: Sequence[float] | None = None,
+    betas: Sequence[float] | None = None,
+    alpha_steps: int = 8,
+) -> list[Rule]:
+    """Candidate rules valid at every length (0 < floor(alpha + beta*N) <= N).
+
+    Default grid scales MoA's (alpha in -2048..8192 step 1024, beta in {0, 1/8, ..., 1}
+    for 2k/4k/8k profiles) to the longest length L: alpha in -L/4..L step L/alpha_steps.
+    """
+    lengths = sorted(int(n) for n in lengths)
+    if not lengths or lengths[0] <= 0:
+        raise ValueError(f"lengths must be positive, got {lengths}")
+    longest = lengths[-1]
+    if alphas is None:
+        step = longest / alpha_steps
+        alphas = [step * k for k in range(-alpha_steps // 4, alpha_steps + 1)]
+    if betas is None:
+        betas = [k / 8 for k in range(9)]
+    rules = []
+    for a in alphas:
+        for b in betas:
+            raw = raw_span(a, b, np.asarray(lengths))
+            if np.all(raw > 0) and np.all(raw <= np.asarray(lengths)):
+                rules.append(Rule(float(a), float(b)))
+    if not rules:
+        raise ValueError(f"no candidate rule is valid at every length {lengths}")
+    return rules
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'4096,8192,16k' -> [4096, 8192, 16384] (k = 1024)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        mult = 1024 if part.endswith("k") else 1
+        try:
+            value = int(float(part.rstrip("k")) * mult)
+        except ValueError:
+            raise ValueError(f"cannot read length {part!r} in {text!r}; expected integers like 4096,8192 or 8k") from None
+        if value <= 0:
+            raise ValueError(f"lengths must be positive, got {value} in {text!r}")
+        out.append(value)
+    if not out:
+        raise ValueError(f"no lengths in {text!r}")
+    return out
+
+
+def group_max(values: np.ndarray, group: int) -> np.ndarray:
+    """[..., Hq] -> [..., Hkv]: the max over each GQA group of `group` consecutive query heads."""
+    shape = values.shape[:-1] + (values.shape[-1] // group, group)
+    return values.reshape(shape).max(-1)
+
+
+
+__all__ = [
+    "Rule", "span", "raw_span", "kept", "kept_matrix", "kv_density", "kept_pairs", "compute_density",
+    "density", "candidate_grid", "parse_lengths", "group_max",
+]
