@@ -3,10 +3,12 @@
     moa bench prefill ...   block-sparse prefill kernel vs dense SDPA and FlexAttention
     moa bench decode ...    compressed-cache decode vs transformers' dense SDPA path
 
-Each mode lives in its own module (bench_prefill, bench_decode) with add_arguments/run.
+Each mode lives in its own module (bench_prefill, bench_decode) with add_arguments/run;
+`moa bench MODE --help` shows its options.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -14,28 +16,22 @@ MODES = {"prefill": ("moa_search.bench_prefill", 5), "decode": ("moa_search.benc
 
 
 def add_arguments(p) -> None:
-    sub = p.add_subparsers(dest="bench_mode", metavar="MODE", required=True)
-    chosen = next((a for a in sys.argv[2:] if a in MODES), None)
-    for name, (modname, issue) in MODES.items():
-        q = sub.add_parser(name, help=f"bench {name}")
-        if name != chosen:
-            continue
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            q.set_defaults(bench_run=lambda args, n=name, i=issue: _missing(n, i))
-            continue
-        q.description = mod.__doc__
-        mod.add_arguments(q)
-        q.set_defaults(bench_run=mod.run)
-
-
-def _missing(name, issue) -> int:
-    print(f"moa bench {name}: not built yet (issue #{issue}).", file=sys.stderr)
-    return 2
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__
+    p.add_argument("mode", choices=list(MODES), help="what to time")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="options of the mode (see moa bench MODE --help)")
 
 
 def run(args) -> int:
-    return args.bench_run(args)
+    modname, issue = MODES[args.mode]
+    try:
+        mod = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name != modname:
+            raise
+        print(f"moa bench {args.mode}: not built yet (issue #{issue}).", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog=f"moa bench {args.mode}", description=mod.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mod.add_arguments(parser)
+    return int(mod.run(parser.parse_args(args.options)) or 0)
