@@ -16,14 +16,15 @@ Every prompt ends with a question line and an answer cue ("Answer: The pass key 
 so even a small plain-text model answers on the next tokens; the reference is the exact
 continuation (after one space) the model should write.
 
-Length. `make_item(..., n_tokens, count_tokens)` builds a prompt of about `n_tokens`
-tokens as counted by `count_tokens(str) -> int` (e.g. `len(tok(s).input_ids)`). The prompt
-is built in whole lines, each line counted once (a tokenizer's fixed overhead, such as a
-BOS token, is measured on "" and subtracted), so a prompt of N tokens costs about N/10
-tokenizer calls, not a loop over the whole prompt. Lines end in "\\n", so for BPE
-tokenizers the line counts add up to the prompt's count (within a token or two).
-`approx_count_tokens` (letter runs, digit groups, marks, newlines) counts when no tokenizer is
-at hand; the shipped default sets use it (see calibration_data/defaults.py).
+Length. `make_item(..., n_tokens, count_tokens)` builds a prompt of at most `n_tokens`
+tokens (short of it by less than one line) as counted by `count_tokens(str) -> int`
+(e.g. `len(tok(s).input_ids)`). The prompt is built in whole lines, each line counted once
+(a tokenizer's fixed overhead, such as a BOS token, is measured on "" and subtracted), so
+a prompt of N tokens costs about N/10 tokenizer calls, not a loop over the whole prompt.
+Lines end in "\n", so for BPE tokenizers the line counts add up to the prompt's count
+(within a token or two). `approx_count_tokens` (letter runs, digits, marks, newlines)
+counts when no tokenizer is at hand; the shipped default sets are counted with the demo
+model's tokenizer (see calibration_data/defaults.py).
 
 Depth. The needed fact's line starts at about `depth` (0..1) of the context body, measured
 in tokens (0: right after the instructions; 1: right before the question).
@@ -68,14 +69,17 @@ FILLER = (
     "The old clock ticks slowly.", "Children play in the park.", "The stars come out at night.",
 )
 
-# letters in runs of up to 8, digits in runs of up to 3, each other mark, each newline: close
-# to what a byte-level BPE with a vocabulary of ~8-16k trained on English and code produces.
-_TOKEN_RE = re.compile(r"[A-Za-z]{1,8}|\d{1,3}|[^A-Za-z\d\s]|\n")
+# letters in runs of up to 8, each digit, each other mark, each newline: close to what a
+# byte-level BPE with a vocabulary of ~4-16k and one token per digit (as Llama's tokenizers and
+# the embedded demo model's do) produces on English text; it undercounts rare words and
+# random letter names (kv_retrieval keys, var_tracking names), so use a real tokenizer when
+# the length matters.
+_TOKEN_RE = re.compile(r"[A-Za-z]{1,8}|\d|[^A-Za-z\d\s]|\n")
 
 
 def approx_count_tokens(text: str) -> int:
-    """Tokenizer-free length estimate: letter runs (split every 8), digit runs (split every 3),
-    other marks, newlines.
+    """Tokenizer-free length estimate: letter runs (split every 8), single digits, other
+    marks, newlines.
 
     The convention of the shipped default sets. A BPE trained on similar English/code text
     gives a count of the same order; at calibrate time the model's own tokenizer is used.
@@ -105,7 +109,8 @@ class _Counter:
 
 def _assemble(task: str, n_tokens: int, count: _Counter, head: list[str], needles: list[tuple[float, str]],
               fillers: Iterator[str], tail: list[str]) -> str:
-    """head + fillers with needles inserted at relative token depths + tail, ~n_tokens tokens.
+    """head + fillers with needles inserted at relative token depths + tail: at most n_tokens
+    tokens (by the line counts), short of it by less than one filler line.
 
     needles: (depth in [0, 1], line); kept in the given order where depths tie.
     """
@@ -117,8 +122,7 @@ def _assemble(task: str, n_tokens: int, count: _Counter, head: list[str], needle
     body, sizes, used = [], [], 0
     for line in fillers:
         c = count(line)
-        # stop at the line that would overshoot more than it undershoots
-        if used + c > budget and (used + c - budget) > (budget - used):
+        if used + c > budget:  # never overshoot: a prompt plus its answer room must fit its length
             break
         body.append(line)
         sizes.append(c)

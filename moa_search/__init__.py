@@ -6,7 +6,15 @@
 __version__ = "0.1.0"
 
 from .plan import ModelShape, Plan, PlanError, load_plan, save_plan, uniform_plan, plan_from_moa  # noqa: E402
-from .apply import apply_plan, remove_plan  # noqa: E402
+from .apply import apply_plan, make_cache, remove_plan  # noqa: E402
 
 __all__ = ["__version__", "ModelShape", "Plan", "PlanError", "load_plan", "save_plan", "uniform_plan",
-           "plan_from_moa", "apply_plan", "remove_plan"]
+           "plan_from_moa", "apply_plan", "remove_plan", "make_cache", "MoaCache"]
+
+
+def __getattr__(name):
+    if name == "MoaCache":  # imported lazily: it pulls in transformers
+        from .cache import MoaCache
+
+        return MoaCache
+    raise AttributeError(f"module 'moa_search' has no attribute {name!r}")

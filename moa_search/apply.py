@@ -61,3 +61,20 @@ def remove_plan(model):
     model.moa_plan = None
     model.set_attn_implementation(prev)
     return model
+
+
+def make_cache(model, max_new_tokens: int | None = None, max_length: int | None = None):
+    """The compressed per-head KV cache of the plan applied to `model`, for generate():
+
+        cache = make_cache(model, max_new_tokens=256)
+        model.generate(**enc, max_new_tokens=256, past_key_values=cache)
+
+    Without it, generate() uses transformers' dense DynamicCache: outputs are the same (the
+    attention function applies the plan's rules on it) but the memory is not saved.
+    transformers has no public hook to make generate() build a custom cache by itself, so
+    the cache is passed explicitly. Sized at the first forward for prompt + max_new_tokens
+    (or max_length in total); see moa_search.cache.
+    """
+    from .cache import MoaCache
+
+    return MoaCache(model, max_new_tokens=max_new_tokens, max_length=max_length)

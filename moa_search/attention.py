@@ -50,9 +50,12 @@ def padding_bounds(attention_mask: torch.Tensor | None, batch: int, nk: int, dev
     start = torch.where(n_real > 0, m.float().argmax(-1), torch.zeros_like(n_real))
     end = start + n_real
     j = torch.arange(nk, device=m.device)
-    contiguous = ((j[None] >= start[:, None]) & (j[None] < end[:, None])) == m
-    if not bool(contiguous.all()):
-        raise ValueError("moa attention needs each sequence's real tokens to be contiguous (left or right padding only)")
+    contiguous = (((j[None] >= start[:, None]) & (j[None] < end[:, None])) == m).all()
+    msg = "moa attention needs each sequence's real tokens to be contiguous (left or right padding only)"
+    if m.is_cuda:
+        torch._assert_async(contiguous, msg)  # no host sync in every layer of every decode step
+    elif not bool(contiguous):
+        raise ValueError(msg)
     return start.to(device), end.to(device)
 
 
@@ -86,8 +89,14 @@ def moa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     B, Hq, Nq, D = query.shape
     Nk = key.shape[2]
     start, end = padding_bounds(attention_mask, B, Nk, query.device)
-    span = rule.spans(end - start)
     scale = D ** -0.5 if scaling is None else scaling
+    cache_ref = getattr(module, "moa_cache", None)  # set by moa_search.cache.MoaCache.update
+    cache = cache_ref() if cache_ref is not None else None
+    if cache is not None and cache.owns(module.layer_idx, key):
+        # compressed KV cache: key/value are only this forward's tokens; the cache attends
+        # over its packed sink + window buffers with the right positions
+        return cache.attend(module.layer_idx, query, start, end, scale).transpose(1, 2).contiguous(), None
+    span = rule.spans(end - start)
     name = pick_backend(rule, query)
     fn = _BACKENDS[name]
     capture = getattr(module, "moa_capture", None)
@@ -105,6 +114,16 @@ def _reference_backend(q, k, v, sink, span, start, end, scale):
 
 
 register_backend("reference", _reference_backend)
+
+
+def _triton_backend(q, k, v, sink, span, start, end, scale):
+    # imported on first use: pick_backend sends only CUDA queries here, so CPU paths never need triton
+    from moa_search.kernels.prefill import prefill_backend
+
+    return prefill_backend(q, k, v, sink, span, start, end, scale)
+
+
+register_backend("triton", _triton_backend)
 
 
 def register() -> None:

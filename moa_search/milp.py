@@ -18,12 +18,14 @@ from below through z; max >= mean, so the cache respects the lower bound too.)
 
 The model is built once as (c, A, row bounds, integrality) and handed unchanged to
 HiGHS (scipy.optimize.milp) or CBC (pulp), so both solve the same program.
-Losses are scaled per length before solving (solver tolerances are absolute); results
-are reported in the caller's units.
+The objective is divided by one constant and each epsilon row by its length's loss scale
+before solving (solver tolerances are absolute); the optimum is unchanged and results are
+reported in the caller's units.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,8 +143,8 @@ def loss_scale(problem: Problem) -> np.ndarray:
 
 
 def build(problem: Problem, weights, eps=None) -> _Model:
-    """The program as sparse arrays. weights: [m] objective weights; eps: [m] upper bounds on
-    each length's loss (np.inf / None = none), in the caller's units."""
+    """The program as sparse arrays. weights: [m] objective weights on the per-length losses;
+    eps: [m] upper bounds on each length's loss (np.inf / None = none); both in the caller's units."""
     m, U, R = problem.loss.shape
     n = len(problem.budget_lengths)
     g = problem.group
@@ -159,7 +161,10 @@ def build(problem: Problem, weights, eps=None) -> _Model:
     n_var = n_x + n_z + n_u
 
     c = np.zeros(n_var)
-    c[:n_x] = np.tensordot(weights, loss, axes=1).ravel()
+    c[:n_x] = np.tensordot(weights, problem.loss, axes=1).ravel()
+    c_max = np.abs(c).max()
+    if c_max > 0:  # one global factor: the optimum is unchanged, the solver's tolerances fit
+        c /= c_max
     rows, cols, vals, lo, hi = [], [], [], [], []
     r0 = 0
 
@@ -219,7 +224,7 @@ def build(problem: Problem, weights, eps=None) -> _Model:
 
 
 def solve(problem: Problem, weights, eps=None, solver: str = "highs", time_limit: float | None = None,
-          mip_gap: float = 1e-6) -> Solution:
+          mip_gap: float = 1e-3) -> Solution:
     """Solve the program once. Never raises on infeasible/time-limited solves: the status says.
 
     weights: [m] objective weights on the per-length losses; eps: [m] bounds (inf = none).
@@ -282,8 +287,10 @@ def _solve_cbc(model: _Model, time_limit, mip_gap) -> Solution:
     import pulp
 
     prob = pulp.LpProblem("moa_search", pulp.LpMinimize)
-    xs = [pulp.LpVariable(f"v{i}", lowBound=0, upBound=None if np.isinf(hi) else float(hi),
-                          cat=pulp.LpBinary if (integ and hi == 1) else (pulp.LpInteger if integ else pulp.LpContinuous))
+    # pulp >= 3.3 attaches variables to the model; older pulp constructs them directly
+    new_var = prob.add_variable if hasattr(prob, "add_variable") else pulp.LpVariable
+    xs = [new_var(f"v{i}", 0, None if np.isinf(hi) else float(hi),
+                  pulp.LpBinary if (integ and hi == 1) else (pulp.LpInteger if integ else pulp.LpContinuous))
           for i, (integ, hi) in enumerate(zip(model.integer, model.var_hi))]
     prob += pulp.LpAffineExpression([(xs[i], float(v)) for i, v in enumerate(model.c) if v != 0]) \
         if np.any(model.c) else pulp.lpSum([])
@@ -299,7 +306,9 @@ def _solve_cbc(model: _Model, time_limit, mip_gap) -> Solution:
             prob += expr <= float(hi)
         if np.isfinite(lo):
             prob += expr >= float(lo)
-    cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=float(mip_gap))
+    with warnings.catch_warnings():  # pulp 3.3 deprecates the bundled CBC; it is still the one that ships
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=float(mip_gap))
     try:
         prob.solve(cmd)
     except Exception as e:
@@ -332,11 +341,13 @@ def least_density(problem: Problem) -> tuple[np.ndarray, float, int]:
     d = problem.density
     per_length = d.min(-1)
     nlen, R = d.shape
-    Lyr = problem.layers
-    per_layer = problem.units // problem.group // Lyr
-    G = per_layer * Lyr
+    groups = problem.units // problem.group
     K = problem.max_rules_per_layer
-    use_u = K is not None and K < min(R, per_layer)
+    use_u = K is not None and K < min(R, groups // problem.layers)
+    # without a per-layer rule limit the layers are interchangeable: count over all groups at once
+    Lyr = problem.layers if use_u else 1
+    per_layer = groups // Lyr
+    G = per_layer * Lyr
     n_n, n_u = Lyr * R, (Lyr * R if use_u else 0)
     nv = n_n + n_u + 1                      # counts, used flags, t
     c = np.zeros(nv)
@@ -365,7 +376,7 @@ def least_density(problem: Problem) -> tuple[np.ndarray, float, int]:
     integ[-1] = 0
     ub = np.concatenate([np.full(n_n, per_layer), np.ones(n_u), [np.inf]])
     res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integ,
-               bounds=Bounds(np.zeros(nv), ub), options={"mip_rel_gap": 0.0, "disp": False})
+               bounds=Bounds(np.zeros(nv), ub), options={"mip_rel_gap": 1e-9, "disp": False, "time_limit": 60.0})
     if res.x is None:
         raise SearchError(f"could not compute the least feasible density ({res.message})")
     counts = np.round(res.x[:n_n]).reshape(Lyr, R).sum(0)
@@ -375,8 +386,10 @@ def least_density(problem: Problem) -> tuple[np.ndarray, float, int]:
 
 def check_budget(problem: Problem) -> None:
     """Raise SearchError naming the length whose budget cannot be met and the least feasible budget."""
-    per_length, joint, binding = least_density(problem)
     tol = 1e-12
+    if np.any(np.all(problem.density <= problem.budget + tol, axis=0)):
+        return  # one rule meets the budget at every length: every head may take it
+    per_length, joint, binding = least_density(problem)
     if joint <= problem.budget + tol:
         return
     kind = f"{problem.kind} density"

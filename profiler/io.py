@@ -63,6 +63,9 @@ def save_profile(profile: Profile, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)      # mkstemp makes 0600; a profile is meant to be shared
         save_file({"influence": profile.influence.detach().to(torch.float64).contiguous().cpu()}, tmp, metadata=meta)
         os.replace(tmp, path)
     except BaseException:

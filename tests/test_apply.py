@@ -131,3 +131,11 @@ def test_attention_without_rule_errors_clearly():
     del moa_search.apply.attention_modules(model)[1].moa_rule
     with pytest.raises(RuntimeError, match="layer 1.*has no plan attached"):
         model(input_ids=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_holes_in_the_padding_mask_are_refused():
+    model = tiny_model("llama")
+    moa_search.apply_plan(model, random_plan(model))
+    am = torch.tensor([[1, 1, 0, 1, 1, 1]])
+    with pytest.raises(ValueError, match="contiguous"):
+        model(input_ids=torch.ones(1, 6, dtype=torch.long), attention_mask=am)

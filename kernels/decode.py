@@ -1,0 +1,247 @@
+"""Sparse decode over the packed per-head KV cache: Triton split-K kernel + PyTorch reference.
+
+The packed cache of one layer (built by moa_search.cache.MoaCache) holds, per sequence b
+and KV head h, `s0 + cap[h]` slots starting at row `off[h]` of
+
+    keys, values: [B, T, D]      T = sum_h (s0 + cap[h])  (memory = sum of the heads' capacities)
+
+Slots [0, s0) are the sink (slot i holds real position i); slots [s0, s0 + cap[h]) are a
+ring buffer of the window: position p >= s0 lives in slot s0 + (p - s0) % cap[h]. With
+n[b] real tokens written, ring slot r holds the largest p < n[b] with (p - s0) % cap == r,
+i.e. p = s0 + r + cap * floor((n - 1 - s0 - r) / cap), and is empty when n - 1 - s0 - r < 0.
+So no position table is stored: positions follow from n, s0 and cap.
+
+A query at position qpos attends to the cached keys of the rule's kept set
+(moa_search.rules.kept): pos < sink or qpos - pos < span[b, query head].
+
+Decode (`packed_decode_attention`): one query per sequence at qpos = n - 1 (its own key is
+already written). Grid (B * Hkv, splits): each program walks one chunk of one head's slots
+for the G query heads of the group (GQA without repeating K/V), keeping an online softmax;
+a second kernel merges the chunks by their log-sum-exp (flash-decoding).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moa_search.rules import kept
+
+try:  # the CPU reference must import without Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+
+def slot_positions(n: torch.Tensor, s0: int, cap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions held by every slot of one layer's packed cache.
+
+    n: int64 [B] real tokens written; s0: sink slots; cap: int64 [Hkv] ring capacities.
+    Returns (pos, valid), both [B, T] with T = sum(s0 + cap); pos is meaningless where not valid.
+    """
+    dev = n.device
+    cap = cap.to(dev)
+    slots = s0 + cap
+    head = torch.repeat_interleave(torch.arange(len(cap), device=dev), slots)     # [T]
+    off = torch.cumsum(slots, 0) - slots
+    i = torch.arange(int(slots.sum()), device=dev) - off[head]                      # slot index in its head
+    c = cap[head].clamp_min(1)
+    r = i - s0
+    t = n[:, None] - 1 - s0 - r[None, :]                                           # [B, T]
+    in_sink = (i < s0)[None, :]
+    pos = torch.where(in_sink, i[None, :], s0 + r[None, :] + c[None, :] * torch.div(t.clamp_min(0), c[None, :], rounding_mode="floor"))
+    valid = torch.where(in_sink, i[None, :] < n[:, None], t >= 0)
+    return pos, valid
+
+
+def head_of_slot(s0: int, cap: torch.Tensor) -> torch.Tensor:
+    """int64 [T]: the KV head owning each slot."""
+    return torch.repeat_interleave(torch.arange(len(cap), device=cap.device), s0 + cap)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def packed_attention_reference(q, keys, values, s0: int, cap, sink: int, span, n, q_pos,
+                               new_k=None, new_v=None, new_pos=None, scale=None):
+    """Masked softmax attention over a packed cache (and optional not-yet-cached keys), float32.
+
+    q: [B, Hq, Nq, D]; keys/values: [B, T, D] packed (see module doc); cap: int64 [Hkv];
+    span: int64 [B, Hq]; n: int64 [B] tokens in the cache; q_pos: int64 [B, Nq] query
+    positions (-1 = padding row, output zeros). new_k/new_v: [B, Hkv, Nn, D] extra keys at
+    new_pos int64 [B, Nn] (-1 = padding): a chunk attended before it is written (multi-turn).
+    Returns [B, Hq, Nq, D] in q's dtype.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv = len(cap)
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    dev = q.device
+    cap = cap.to(dev)
+    pos, valid = slot_positions(n.to(dev), s0, cap)
+    head = head_of_slot(s0, cap)
+    out = torch.zeros(B, Hq, Nq, D, dtype=q.dtype, device=dev)
+    span = span.to(dev)
+    for h in range(Hkv):
+        sel = head == h
+        k, v, kp, kv = keys[:, sel].float(), values[:, sel].float(), pos[:, sel], valid[:, sel]
+        if new_k is not None:
+            k = torch.cat([k, new_k[:, h].float()], 1)
+            v = torch.cat([v, new_v[:, h].float()], 1)
+            kp = torch.cat([kp, new_pos], 1)
+            kv = torch.cat([kv, new_pos >= 0], 1)
+        qh = q[:, h * G:(h + 1) * G].float()                                  # [B, G, Nq, D]
+        s = torch.einsum("bgqd,bkd->bgqk", qh, k) * scale
+        m = kept(q_pos[:, None, :, None], kp[:, None, None, :], sink, span[:, h * G:(h + 1) * G, None, None])
+        m = m & kv[:, None, None, :] & (q_pos >= 0)[:, None, :, None]
+        s = s.masked_fill(~m, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)                              # rows with nothing kept -> 0
+        out[:, h * G:(h + 1) * G] = torch.einsum("bgqk,bkd->bgqd", p, v).to(q.dtype)
+    return out
+
+
+def packed_decode_reference(q, keys, values, s0, cap, sink, span, n, scale=None):
+    """Decode reference: q [B, Hq, D] at position n - 1 (already cached) -> [B, Hq, D]."""
+    q_pos = (n.to(q.device) - 1)[:, None]
+    return packed_attention_reference(q[:, :, None], keys, values, s0, cap, sink, span, n, q_pos, scale=scale)[:, :, 0]
+
+
+# ----------------------------------------------------------------------------- Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, OFF, CAP, SPAN, NTOK, PO, PL,
+        s0, sink, scale, splits, Hq, Hkv,
+        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // Hkv
+        h = bh % Hkv
+        off = tl.load(OFF + h).to(tl.int64)
+        cap = tl.load(CAP + h)
+        n = tl.load(NTOK + b)
+        slots = s0 + cap
+        # this program's chunk of the head's slots; chunks are whole tiles
+        chunk = tl.cdiv(tl.cdiv(slots, splits), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, slots)
+
+        g = tl.arange(0, BLOCK_G)
+        gmask = g < G
+        d = tl.arange(0, D)
+        hq = h * G + g
+        q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+        span = tl.load(SPAN + b * Hq + hq, mask=gmask, other=0)
+        qpos = n - 1
+        capc = tl.maximum(cap, 1)
+
+        m_i = tl.full([BLOCK_G], -1e30, tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        kbase = K + b.to(tl.int64) * stride_kb
+        vbase = V + b.to(tl.int64) * stride_vb
+        for start in range(lo, hi, BLOCK_N):
+            i = start + tl.arange(0, BLOCK_N)
+            r = i - s0
+            t = n - 1 - s0 - r
+            in_sink = i < s0
+            pos = tl.where(in_sink, i, s0 + r + capc * (tl.maximum(t, 0) // capc))
+            valid = (i < hi) & tl.where(in_sink, i < n, t >= 0)
+            rows = off + i
+            k = tl.load(kbase + rows[:, None] * stride_kt + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(vbase + rows[:, None] * stride_vt + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale                                # [BLOCK_G, BLOCK_N] fp32
+            keep = valid[None, :] & ((pos[None, :] < sink) | (qpos - pos[None, :] < span[:, None]))
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
+        o = acc / tl.maximum(l_i, 1e-30)[:, None]
+        row = (b * Hq + hq).to(tl.int64) * splits + split                       # [BLOCK_G]
+        tl.store(PO + row[:, None] * D + d[None, :], o, mask=gmask[:, None])
+        tl.store(PL + row, lse, mask=gmask)
+
+    @triton.jit
+    def _decode_combine_kernel(PO, PL, O, splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)                                     # b * Hq + hq
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D)
+        smask = s < splits
+        lse = tl.load(PL + row * splits + s, mask=smask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp(lse - m)
+        po = tl.load(PO + (row * splits + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        o = tl.sum(po * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+        tl.store(O + row * D + d, o.to(O.dtype.element_ty))
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_splits(q, batch: int, hkv: int, max_slots: int, block_n: int) -> int:
+    """Enough programs to fill the GPU about twice, never more chunks than tiles."""
+    if q.is_cuda:
+        dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        if dev not in _SM_COUNT:
+            _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        sms = _SM_COUNT[dev]
+    else:
+        sms = 4
+    want = math.ceil(2 * sms / max(1, batch * hkv))
+    return max(1, min(want, math.ceil(max_slots / block_n), 128))
+
+
+def packed_decode_attention(q, keys, values, off, cap, s0: int, sink: int, span, n, scale=None,
+                            num_splits: int | None = None, block_n: int = 128, max_slots: int | None = None,
+                            num_warps: int = 4, num_stages: int = 2):
+    """Triton decode attention over a packed cache.
+
+    q: [B, Hq, D] (one query per sequence, at position n - 1, already written to the cache);
+    keys/values: [B, T, D] (row stride may differ from D, last dim contiguous);
+    off, cap: int32/int64 [Hkv] on q's device; span: int64 [B, Hq]; n: int64 [B];
+    max_slots: host int s0 + max(cap) (avoids a device sync). Returns [B, Hq, D] in q's dtype.
+    """
+    if triton is None:
+        raise RuntimeError("packed_decode_attention needs Triton; use packed_decode_reference")
+    B, Hq, D = q.shape
+    Hkv = off.shape[0]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16 for the decode kernel, got {D}")
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    if max_slots is None:
+        max_slots = s0 + int(cap.max())
+    splits = num_splits or _num_splits(q, B, Hkv, max_slots, block_n)
+    q = q.contiguous()
+    span = span.contiguous()
+    po = torch.empty(B * Hq * splits, D, dtype=torch.float32, device=q.device)
+    pl = torch.empty(B * Hq * splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(B * Hkv, splits)](
+        q, keys, values, off, cap, span, n, po, pl,
+        s0, sink, scale, splits, Hq, Hkv,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _decode_combine_kernel[(B * Hq,)](po, pl, out, splits, D=D, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+    return out
+
+
+__all__ = ["slot_positions", "head_of_slot", "packed_attention_reference", "packed_decode_reference",
+           "packed_decode_attention"]

@@ -1,0 +1,326 @@
+"""Block-sparse Triton prefill kernel for per-head sink + window rules (forward only).
+
+Contract: kernels/__init__.py (q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D], queries = the last Nq of Nk
+keys, per-sequence real keys start <= j < end, per-(sequence, head) span). The oracle is
+kernels/reference.py:sparse_attention_reference; the kept set is moa_search.rules.kept.
+
+One program per (batch, query head, query block of BLOCK_M rows). It visits only the key
+blocks its head keeps, in two phases:
+
+    sink phase     key blocks that hold sink tokens and lie left of the window's first block
+    window phase   from the block holding (first row - span + 1) to the diagonal, split into
+                   leading edge (masked) | interior (no mask at all) | diagonal/padding (masked)
+
+A key block is "interior" when every (row, key) pair in it is kept for every real row of the
+query block: the block is inside [start, end), left of the first row's diagonal and right of
+the last row's window edge. Only edge blocks pay for the token mask, so a plan means exactly
+the token-level set of `rules.kept` on this backend too.
+
+Softmax is online (FlashAttention-2 style) in base 2, with fp32 accumulators. Programs are
+launched longest work first (last query blocks first, and inside a query block the heads with
+the widest spans first) so that the heterogeneous spans of a plan do not leave a long tail.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# How many times each path ran (the dispatch test reads it; cheap, host side only).
+CALLS: Counter = Counter()
+
+# A layer whose every head keeps every causal key (span >= N, no padding) goes to SDPA's
+# fused causal path instead of this kernel (set False to force the kernel, e.g. to time it).
+DENSE_TO_SDPA = True
+# Below this many keys the host sync that checks "all dense" costs more than it can save.
+DENSE_CHECK_MIN_N = 1024
+# Load K/V blocks through tensor descriptors (TMA) by default (decided by measurement on H100).
+USE_TMA = False
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
+           KD, VD, b, kvh,
+           D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Fold key block [n, n+BLOCK_N) into the running (acc, l_i, m_i) of one query block.
+
+    q_pos: [BLOCK_M] query positions counted from the sequence start (int32).
+    MASKED: apply the exact token mask (edge blocks); interior blocks skip it.
+    """
+    cols = n + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    if USE_TMA:  # bulk tensor copies; rows past Nk come back as zeros
+        k = KD.load([b, kvh, tl.cast(n, tl.int32), 0]).reshape(BLOCK_N, D)
+        v = VD.load([b, kvh, tl.cast(n, tl.int32), 0]).reshape(BLOCK_N, D)
+    elif MASKED:
+        inb = cols < Nk
+        k = tl.load(k_base + cols[:, None] * skn + d[None, :], mask=inb[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + d[None, :], mask=inb[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * skn + d[None, :])
+        v = tl.load(v_base + cols[:, None] * svn + d[None, :])
+    qk = tl.dot(q, tl.trans(k))  # raw scores; scaled into base 2 inside the exp2's FMA below
+    if MASKED:
+        k_pos = cols - st
+        keep = (k_pos[None, :] >= 0) & (cols[None, :] < en) & (k_pos[None, :] <= q_pos[:, None])
+        keep = keep & ((k_pos[None, :] < sink) | (k_pos[None, :] > q_pos[:, None] - s))
+        qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # a row with nothing kept so far keeps m = -inf; shift by 0 then so exp2 gives 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_new
+    p = tl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
+                 qk_scale, sink, Nq, Nk, Hq, G, BH,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                 N_BUCKET, M_BUCKET,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr):
+    # --- which work item: last query blocks first, widest heads first inside a block
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    mb = num_m - 1 - pid // BH
+    bh = tl.load(ORDER + pid % BH)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // G
+    # positions fit in int32; 32-bit index math is cheaper in the masked blocks
+    st = tl.load(START + b).to(tl.int32)
+    en = tl.load(END + b).to(tl.int32)
+    s = tl.minimum(tl.load(SPAN + bh), Nk).to(tl.int32)
+
+    off = Nk - Nq  # absolute index of query row 0
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_abs = off + rows
+    q_pos = q_abs - st
+    d = tl.arange(0, D)
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+    q = tl.load(q_base + rows[:, None] * sqn + d[None, :], mask=(rows < Nq)[:, None], other=0.0)
+
+    # --- the real rows of this block and the key ranges they keep (absolute key indices)
+    row_lo = tl.maximum(off + mb * BLOCK_M, st)
+    row_hi = tl.minimum(tl.minimum(off + mb * BLOCK_M + BLOCK_M - 1, Nk - 1), en - 1)
+    has_rows = row_lo <= row_hi
+    win_lo = tl.maximum(st, row_lo - s + 1)              # first key of the first row's window
+    a = (win_lo // BLOCK_N) * BLOCK_N                    # first window block
+    win_hi = tl.where(has_rows, tl.minimum(row_hi + 1, en), a)  # one past the last kept key
+    # interior: every real row keeps every key of the block
+    i_lo = tl.cdiv(tl.maximum(st, row_hi - s + 1), BLOCK_N) * BLOCK_N
+    i_hi = (tl.minimum(en, row_lo + 1) // BLOCK_N) * BLOCK_N
+    no_interior = i_lo >= i_hi
+    i_lo = tl.where(no_interior, a, i_lo)
+    i_hi = tl.where(no_interior, a, i_hi)
+    # sink blocks strictly left of the window's first block (the rest is masked in the window)
+    sink_lo = (st // BLOCK_N) * BLOCK_N
+    sink_hi = tl.where(has_rows & (sink > 0), tl.minimum(tl.minimum(st + sink, win_hi), a), sink_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n in range(sink_lo, sink_hi, BLOCK_N):
+        acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
+                               KD, VD, b, kvh, D, BLOCK_N, True, USE_TMA)
+    for n in range(a, i_lo, BLOCK_N):
+        acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
+                               KD, VD, b, kvh, D, BLOCK_N, True, USE_TMA)
+    for n in range(i_lo, i_hi, BLOCK_N):
+        acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
+                               KD, VD, b, kvh, D, BLOCK_N, False, USE_TMA)
+    for n in range(i_hi, win_hi, BLOCK_N):
+        acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
+                               KD, VD, b, kvh, D, BLOCK_N, True, USE_TMA)
+
+    # --- padding rows and rows with nothing kept: zeros and lse -inf
+    ok = (rows < Nq) & (q_pos >= 0) & (q_abs < en) & (l_i > 0)
+    l_safe = tl.where(ok, l_i, 1.0)
+    out = tl.where(ok[:, None], acc / l_safe[:, None], 0.0)
+    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    tl.store(o_base + rows[:, None] * son + d[None, :], out.to(O.dtype.element_ty), mask=(rows < Nq)[:, None])
+    if WRITE_LSE:
+        lse = tl.where(ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + bh.to(tl.int64) * Nq + rows, lse, mask=rows < Nq)
+
+
+# ----------------------------------------------------------------------------- tuning
+
+def _smem_bytes(bm: int, bn: int, d: int, stages: int, elem: int = 2) -> int:
+    return elem * d * (bm + 2 * bn * max(1, stages - 1))
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs that cannot fit the shared memory of a Hopper SM (~227 KB) at this D."""
+    d = named_args["D"] if "D" in named_args else kwargs["D"]
+    elem = named_args["Q"].element_size()
+    kept = [c for c in configs
+            if _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d, c.num_stages, elem) <= 200 * 1024]
+    return kept or configs[-1:]
+
+
+def _set_block_shapes(nargs):
+    """Autotune pre-hook of the TMA variant: the descriptors' box follows the config's BLOCK_N."""
+    for name in ("KD", "VD"):
+        desc = nargs[name]
+        if hasattr(desc, "block_shape"):
+            desc.block_shape = [1, 1, nargs["BLOCK_N"], desc.block_shape[-1]]
+
+
+def _configs(shapes, hook=None):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=hook)
+            for bm, bn, w, st in shapes]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Kept small: every config costs a compile at first use.
+# Shapes needing > ~200 KB of shared memory at D=128 (e.g. 128x128 with 3 stages) are left out.
+_PREFILL_SHAPES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+# decode-like calls (a handful of query rows): small query blocks, wide key blocks
+_DECODE_SHAPES = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 8, 3)]
+_KEY = ["D", "N_BUCKET", "M_BUCKET"]
+_PRUNE = {"early_config_prune": _prune}
+_TUNED = {
+    (decode, tma): triton.autotune(_configs(_DECODE_SHAPES if decode else _PREFILL_SHAPES,
+                                            _set_block_shapes if tma else None),
+                                   key=_KEY, prune_configs_by=_PRUNE)(_prefill_fwd)
+    for decode in (False, True) for tma in (False, True)
+}
+_prefill_tuned = _TUNED[(False, False)]
+
+
+def _bucket(n: int) -> int:
+    """Autotune key: block shapes that win at 2k rarely win at 32k, but 16k and 32k agree."""
+    return 0 if n <= 1024 else 1 if n <= 4096 else 2 if n <= 16384 else 3
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check(q, k, v, span, start, end):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    if k.shape != v.shape or Bk != B or Dk != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={B}, Hkv, Nk, D={D}]")
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if Nq > Nk:
+        raise ValueError(f"queries ({Nq}) must be the last Nq of the Nk={Nk} keys")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head_dim must be a power of 2 >= 16 for this kernel, got {D}")
+    if tuple(span.shape) != (B, Hq):
+        raise ValueError(f"span must be int64 [B={B}, Hq={Hq}], got {tuple(span.shape)}")
+    for name, t in (("start", start), ("end", end)):
+        if t is not None and tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must be int64 [B={B}], got {tuple(t.shape)}")
+
+
+def _all_dense(span, start, end, nk: int) -> bool:
+    """True when every head keeps every causal key and nothing is padded (one host sync)."""
+    lo_span, hi_start, lo_end = torch.stack([span.min(), start.max(), end.min()]).tolist()
+    return lo_span >= nk and hi_start == 0 and lo_end == nk
+
+
+def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, scale=None,
+                             return_lse: bool = False, dense: str = "auto",
+                             block_m: int | None = None, block_n: int | None = None,
+                             num_warps: int = 4, num_stages: int = 2, out=None, lse_out=None,
+                             sort_heads: bool = True, use_tma: bool | None = None):
+    """Sink + window attention with the Triton kernel (contract: kernels/__init__.py).
+
+    q [B,Hq,Nq,D] (bf16/fp16/fp32), k/v [B,Hkv,Nk,D], span int64 [B,Hq], start/end int64 [B].
+    Returns out [B,Hq,Nq,D] in q's dtype, and lse [B,Hq,Nq] float32 (natural log) if
+    return_lse. dense: "auto" sends an all-dense, unpadded layer to SDPA's causal path
+    (when DENSE_TO_SDPA); "never" always runs the kernel. block_m/block_n (with
+    num_warps/num_stages) pin the block shape instead of autotuning (tests, interpreter).
+    out / lse_out: optional preallocated results (contiguous [B,Hq,Nq,D] / fp32 [B,Hq,Nq]).
+    sort_heads: launch the widest heads first (False: natural head order; for benchmarks).
+    use_tma: load K/V blocks with tensor descriptors (bulk copies; Hopper+). None = USE_TMA.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    dev = q.device
+    scale = D ** -0.5 if scale is None else float(scale)
+    start = torch.zeros(B, dtype=torch.long, device=dev) if start is None else start.to(dev, torch.long)
+    end = torch.full((B,), Nk, dtype=torch.long, device=dev) if end is None else end.to(dev, torch.long)
+    span = span.to(dev, torch.long).contiguous()
+    _check(q, k, v, span, start, end)
+
+    if (dense == "auto" and DENSE_TO_SDPA and not return_lse and Nq == Nk and Nk >= DENSE_CHECK_MIN_N
+            and q.is_cuda and _all_dense(span, start, end, Nk)):
+        CALLS["sdpa"] += 1
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if out is None:
+        out = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=dev)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)} {out.dtype}")
+    if not return_lse:
+        lse = out  # never written (WRITE_LSE=False); any pointer will do
+    elif lse_out is None:
+        lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=dev)
+    elif tuple(lse_out.shape) != (B, Hq, Nq) or lse_out.dtype != torch.float32 or not lse_out.is_contiguous():
+        raise ValueError(f"lse_out must be contiguous float32 {(B, Hq, Nq)}, got {tuple(lse_out.shape)} {lse_out.dtype}")
+    else:
+        lse = lse_out
+    # widest heads first: their programs are the long ones (stable: GQA groups stay together)
+    if sort_heads:
+        order = torch.argsort(span.flatten(), descending=True, stable=True).to(torch.int32)
+    else:
+        order = torch.arange(B * Hq, dtype=torch.int32, device=dev)
+    BH = B * Hq
+    use_tma = USE_TMA if use_tma is None else use_tma
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bn0 = block_n or block_m or 64
+        kd, vd = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bn0, D]) for t in (k, v))
+    else:
+        kd, vd = k, v  # unused placeholders
+    args = (q, k, v, out, lse, span, start, end, order, kd, vd,
+            scale * LOG2E, int(sink), Nq, Nk, Hq, Hq // Hkv, BH,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            _bucket(Nk), int(Nq <= 16))
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * BH,)  # noqa: E731
+    if block_m is None and _interpreted():
+        block_m, block_n = 32, 32
+    if block_m is not None:
+        _prefill_fwd[grid](*args, D=D, BLOCK_M=block_m, BLOCK_N=block_n or block_m, WRITE_LSE=return_lse,
+                           USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages)
+    else:
+        _TUNED[(Nq <= 16, bool(use_tma))][grid](*args, D=D, WRITE_LSE=return_lse, USE_TMA=use_tma)
+    CALLS["kernel"] += 1
+    return (out, lse) if return_lse else out
+
+
+def prefill_backend(q, k, v, sink, span, start, end, scale):
+    """The "triton" backend of moa_search.attention (same signature as the reference's)."""
+    return sparse_attention_prefill(q, k, v, sink, span, start, end, scale)
+
+
+__all__ = ["sparse_attention_prefill", "prefill_backend", "CALLS", "DENSE_TO_SDPA"]

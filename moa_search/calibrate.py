@@ -1,0 +1,419 @@
+"""`moa calibrate`: a calibration set whose answers the model itself wrote.
+
+MoA's finding (DESIGN.md sections 4 and 9): the profile is only as good as its data. The
+prompts need long-range dependencies, and the loss must be taken on the model's *own*
+answers, not on gold answers. This step builds the prompts (see
+moa_search.calibration_data.sources for --source), lets the dense model answer each one
+(greedy, batched with left padding), and saves
+
+    DIR/                 a `datasets.Dataset` (save_to_disk), one row per item:
+        id str, task str, length int (target), depth float (-1: n/a), prompt str,
+        reference str (gold answer, "" if unknown; for scoring only),
+        answer str (the model's greedy answer), input_ids list[int] (prompt + answer tokens,
+        the chat template applied when the tokenizer has one, plain text otherwise),
+        response_start int, response_end int (half-open span of the answer in input_ids),
+        n_tokens int (= len(input_ids))
+    DIR/meta.json        model fingerprint, lengths, seeds, source, calibration_hash (content
+                         hash of ids, tokens and spans; profiles record it), counts, versions
+
+Length convention. `length` is the target of the whole sequence: prompts are built (or
+cut) to `length - max_new_tokens` tokens including the chat template, so the prompt plus
+the answer stays within `length` (prompt line granularity may add a few tokens).
+
+Answers. Generation stops at the end-of-sequence token or after --max-new-tokens. For
+plain-text models (no chat template) it also stops at the first newline after the answer
+has begun, because such a model would otherwise go on writing unrelated text; the loss
+should sit on the answer only. Items whose answer comes out empty are dropped and counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from moa_search.plan import PlanError
+
+FORMAT = "moa-search-calibration"
+VERSION = 1
+COLUMNS = ("id", "task", "length", "depth", "prompt", "reference", "answer", "input_ids",
+           "response_start", "response_end", "n_tokens")
+
+
+class CalibrationError(PlanError):
+    """A calibration source, run or folder is unusable (message says which and why)."""
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids the model sees for a prompt: the chat template's user turn + generation
+    prompt when the tokenizer has a template, else the plain text (with the tokenizer's
+    usual special tokens, e.g. BOS)."""
+    if has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return list(tokenizer(prompt).input_ids)
+
+
+def text_counter(tokenizer):
+    """count_tokens(str) for the builders: tokens of a text, no special tokens."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def prompt_budget(tokenizer, max_new_tokens: int):
+    """budget(L): tokens the prompt text may take so that template + prompt + answer fit L."""
+    overhead = len(prompt_ids(tokenizer, ""))
+    return lambda length: int(length) - overhead - int(max_new_tokens)
+
+
+def middle_truncator(tokenizer):
+    """truncate_middle(text, n): keep the first and last n/2 tokens of a long text."""
+    def cut(text: str, n: int) -> str:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) <= n:
+            return text
+        sep = "\n...\n"  # marks the cut for a reader; its own tokens come out of the budget
+        keep = max(n - len(tokenizer(sep, add_special_tokens=False).input_ids), 2)
+        head = keep // 2
+        return (tokenizer.decode(ids[:head], skip_special_tokens=True) + sep
+                + tokenizer.decode(ids[len(ids) - (keep - head):], skip_special_tokens=True))
+    return cut
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if src is None:
+            continue
+        ids.update(src if isinstance(src, (list, tuple)) else [src])
+    return ids
+
+
+def _trim(tokens: list[int], tokenizer, eos: set[int], stop_at_newline: bool) -> list[int]:
+    """Answer tokens: up to the first EOS; for plain-text models also up to the first
+    newline that follows some answer text (the newline token itself is left out)."""
+    for k, t in enumerate(tokens):
+        if t in eos:
+            tokens = tokens[:k]
+            break
+    if stop_at_newline:
+        for k in range(len(tokens)):
+            text = tokenizer.decode(tokens[: k + 1], skip_special_tokens=True)
+            if "\n" in text.lstrip():
+                tokens = tokens[:k]
+                break
+    return tokens
+
+
+def _newline_stop(tokenizer, prompt_len: int):
+    """A transformers StoppingCriteria: a row is done once its answer text holds a newline
+    after some non-blank text (the rule of `_trim`), so plain-text models stop early."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class AnswerLineEnded(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            rows = input_ids[:, prompt_len:].tolist()
+            done = ["\n" in tokenizer.decode(r, skip_special_tokens=True).lstrip() for r in rows]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return AnswerLineEnded()
+
+
+def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 24, batch_size: int = 1,
+                     progress: bool = True, stop_at_newline: bool | None = None, max_positions: int | None = None):
+    """The model's greedy answers to items -> a calibration `datasets.Dataset` (see module doc).
+
+    items: dicts with "prompt" and optionally "id", "task", "length", "depth", "reference".
+    Batched longest-first with left padding. stop_at_newline: default True for tokenizers
+    without a chat template. max_positions: refuse prompts + max_new_tokens beyond it
+    (default: model.config.max_position_embeddings). Items with an empty answer are dropped.
+    """
+    import datasets
+    import torch
+    from tqdm.auto import tqdm
+
+    if not items:
+        raise CalibrationError("no calibration items to answer")
+    if stop_at_newline is None:
+        stop_at_newline = not has_chat_template(tokenizer)
+    max_positions = max_positions or getattr(model.config, "max_position_embeddings", None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise CalibrationError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    eos = _eos_ids(model, tokenizer) | {pad_id}  # rows that finished early are filled with pad_id
+
+    prompts = []
+    for n, it in enumerate(items):
+        if not isinstance(it.get("prompt"), str) or not it["prompt"].strip():
+            raise CalibrationError(f"item {it.get('id', n)}: empty prompt")
+        ids = prompt_ids(tokenizer, it["prompt"])
+        if max_positions and len(ids) + max_new_tokens > max_positions:
+            raise CalibrationError(
+                f"item {it.get('id', n)}: {len(ids)} prompt tokens + {max_new_tokens} answer tokens exceed the "
+                f"model's maximum of {max_positions} positions (max_position_embeddings); use shorter --lengths")
+        prompts.append(ids)
+
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    answers: dict[int, list[int]] = {}
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        bar = tqdm(total=len(items), desc="answering", unit="item", disable=not progress)
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            enc = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            stop = [_newline_stop(tokenizer, enc["input_ids"].shape[1])] if stop_at_newline else []
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, pad_token_id=pad_id, stopping_criteria=stop)
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            for i, toks in zip(idx, new):
+                answers[i] = _trim(toks, tokenizer, eos, stop_at_newline)
+            bar.update(len(idx))
+        bar.close()
+    finally:
+        tokenizer.padding_side = side
+
+    rows, dropped = [], []
+    for n, it in enumerate(items):
+        ans = answers[n]
+        if not ans:
+            dropped.append(str(it.get("id", n)))
+            continue
+        ids = prompts[n] + ans
+        rows.append({
+            "id": str(it.get("id", n)), "task": str(it.get("task", "user")),
+            "length": int(it.get("length", len(ids))),
+            "depth": float(it["depth"]) if it.get("depth") is not None else -1.0,
+            "prompt": it["prompt"], "reference": str(it.get("reference") or ""),
+            "answer": tokenizer.decode(ans, skip_special_tokens=True),
+            "input_ids": ids, "response_start": len(prompts[n]), "response_end": len(ids), "n_tokens": len(ids),
+        })
+    if dropped:
+        print(f"moa calibrate: dropped {len(dropped)} item(s) whose answer was empty: {', '.join(dropped[:10])}"
+              + (" ..." if len(dropped) > 10 else ""), file=sys.stderr)
+    if not rows:
+        raise CalibrationError("every answer came out empty (the model stopped at once); nothing to calibrate on")
+    return datasets.Dataset.from_list(rows)
+
+
+# ----------------------------------------------------------------------------- dataset I/O
+
+
+def calibration_hash(ds) -> str:
+    """Content hash of a calibration set: ids, tokens and response spans, in order."""
+    h = hashlib.sha256()
+    cols = ["id", "input_ids", "response_start", "response_end"]
+    for batch in ds.select_columns(cols).iter(batch_size=256):
+        for i, ids, s, e in zip(*(batch[c] for c in cols)):
+            h.update(json.dumps([i, int(s), int(e)]).encode())
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_calibration(path):
+    """A calibration folder written by `moa calibrate` -> datasets.Dataset (validated)."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise CalibrationError(f"{path}: no such calibration folder (make one with `moa calibrate ... -o {path}`)")
+    if not path.is_dir():
+        raise CalibrationError(f"{path}: a calibration set is a folder written by `moa calibrate`, not a file")
+    state = path / "state.json"
+    if state.exists() and json.loads(state.read_text()).get("_data_files") == []:
+        raise CalibrationError(f"{path}: the calibration set is empty")  # datasets cannot even load it
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: not a saved dataset (no dataset_info.json/state.json); "
+                               "make one with `moa calibrate`") from None
+    except Exception as e:  # a damaged folder: say so rather than show datasets' internals
+        raise CalibrationError(f"{path}: could not be read as a saved dataset ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise CalibrationError(f"{path}: holds a DatasetDict (splits {list(ds)}), expected one Dataset")
+    missing = [c for c in ("input_ids", "response_start", "response_end") if c not in ds.column_names]
+    if "input_ids" not in missing and missing:
+        raise CalibrationError(f"{path}: missing response spans (columns {missing}); the loss needs the answer's "
+                               "token span: rebuild the set with `moa calibrate`")
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise CalibrationError(f"{path}: missing column(s) {missing}; expected {list(COLUMNS)}")
+    if len(ds) == 0:
+        raise CalibrationError(f"{path}: the calibration set is empty")
+    s = np.asarray(ds["response_start"]), np.asarray(ds["response_end"]), np.asarray(ds["n_tokens"])
+    bad = np.nonzero((s[0] < 1) | (s[1] <= s[0]) | (s[1] > s[2]))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise CalibrationError(f"{path}: item {ds[i]['id']!r} has an invalid response span "
+                               f"[{s[0][i]}, {s[1][i]}) for {s[2][i]} tokens")
+    return ds
+
+
+def load_meta(path) -> dict:
+    """meta.json of a calibration folder ({} when absent)."""
+    p = Path(path) / "meta.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def save_calibration(ds, out, meta: dict, overwrite: bool = False) -> Path:
+    """Write ds + meta.json to folder `out` atomically (built beside it, then renamed)."""
+    from moa_search.plan import atomic_write_text
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CalibrationError(f"{out}: exists and is not empty; pass --overwrite or another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        ds.save_to_disk(str(tmp))
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | None = None,
+              per_length: int | None = None, seed: int = 0, max_new_tokens: int = 24, batch_size: int = 1,
+              progress: bool = True, model_name: str = ""):
+    """Build prompts from `source`, answer them with the model -> (dataset, meta dict)."""
+    from moa_search.calibration_data import sources, tasks
+    from moa_search.plan import ModelShape, provenance
+
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if lengths and max_pos and max(lengths) > max_pos:
+        raise CalibrationError(f"length {max(lengths)} is above the model's maximum of {max_pos} positions "
+                               "(max_position_embeddings)")
+    budget = prompt_budget(tokenizer, max_new_tokens)
+    try:
+        prep = sources.prepare(source, lengths, text_counter(tokenizer), budget, per_length=per_length, seed=seed,
+                               truncate_middle=middle_truncator(tokenizer))
+    except sources.SourceError as e:
+        raise CalibrationError(str(e)) from None
+    for reason, n in prep.skipped.items():
+        print(f"moa calibrate: skipped {n} record(s): {reason}", file=sys.stderr)
+    ds = generate_answers(model, tokenizer, prep.items, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          progress=progress, max_positions=max_pos)
+    over = [i for i, n, L in zip(ds["id"], ds["n_tokens"], ds["length"]) if n > L]
+    if over:  # e.g. raw items from a file whose `length` counted the prompt alone
+        print(f"moa calibrate: warning: {len(over)} item(s) are longer than their target length "
+              f"(e.g. {over[0]}); `moa profile` uses only samples of at most `length` tokens", file=sys.stderr)
+    shape = ModelShape.from_config(model.config)
+    by_length = {}
+    for length, n, ok in zip(ds["length"], ds["n_tokens"], (tasks.is_correct(a, r) if r else None
+                                                            for a, r in zip(ds["answer"], ds["reference"]))):
+        d = by_length.setdefault(str(length), {"items": 0, "min_tokens": n, "max_tokens": n, "correct": 0, "scored": 0})
+        d["items"] += 1
+        d["min_tokens"], d["max_tokens"] = min(d["min_tokens"], n), max(d["max_tokens"], n)
+        if ok is not None:
+            d["scored"] += 1
+            d["correct"] += int(ok)
+    meta = {
+        "format": FORMAT, "version": VERSION,
+        "model": {"path": model_name, **asdict(shape)},
+        "fingerprint": shape.fingerprint,
+        "lengths": sorted({int(n) for n in ds["length"]}),
+        "seeds": prep.seeds, "source": prep.description, "items": len(ds), "by_length": by_length,
+        "skipped": prep.skipped, "over_length": len(over), "chat_template": has_chat_template(tokenizer),
+        "max_new_tokens": max_new_tokens,
+        "calibration_hash": calibration_hash(ds),
+        **provenance(),
+    }
+    return ds, meta
+
+
+def add_arguments(p) -> None:
+    import argparse
+
+    from moa_search.calibration_data import sources
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = (
+        "Build calibration prompts with long-range dependencies, let the dense model answer them\n"
+        "(greedy), and save a `datasets` folder with the token ids and the answer span of every\n"
+        "item; `moa profile` takes its loss on those answer tokens only.\n\n"
+        "examples:\n"
+        "  moa calibrate --model MODEL_DIR -o cal/                      # default set, 1k/2k/4k\n"
+        "  moa calibrate --model MODEL_DIR --source synthetic:kv_retrieval,passkey,var_tracking \\\n"
+        "      --lengths 2048,4096,8192 --per-length 8 --batch-size 4 -o cal/\n"
+        "  moa calibrate --model MODEL_DIR --source my_docs.jsonl --lengths 8k -o cal/\n\n"
+        + sources.__doc__)
+    p.epilog = ("Output: DIR (datasets.load_from_disk; columns id, task, length, depth, prompt, reference, "
+                "answer, input_ids, response_start, response_end, n_tokens) and DIR/meta.json.")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    p.add_argument("--source", default="default",
+                   help="'default' (the default), 'synthetic:kv_retrieval,passkey,var_tracking', or a "
+                        "json/jsonl/parquet file, folder, or saved dataset (schema above)")
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated target lengths in tokens, e.g. 2048,4096,8192 or 8k "
+                        "(default source: 1024,2048,4096; user data: each record as it is)")
+    p.add_argument("--per-length", type=int, default=None,
+                   help="synthetic items per task and length, at evenly spread depths (default 4)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic: builders (default 0; the default set keeps its recorded seed)")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="longest answer (default 24); prompts leave this much room within each length")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts answered together (default 1)")
+    p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def run(args) -> int:
+    from moa_search.cli import load_model
+    from moa_search.rules import parse_lengths
+
+    try:
+        lengths = parse_lengths(args.lengths) if args.lengths else None
+    except ValueError as e:
+        raise CalibrationError(f"--lengths: {e}") from None
+    if args.per_length is not None and args.per_length < 1:
+        raise CalibrationError(f"--per-length must be >= 1, got {args.per_length}")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise CalibrationError("--max-new-tokens and --batch-size must be >= 1")
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CalibrationError(f"{out}: exists and is not empty; pass --overwrite or another -o")
+    model, tok = load_model(args.model, args.device, args.dtype)
+    ds, meta = calibrate(model, tok, args.source, lengths, args.per_length, args.seed, args.max_new_tokens,
+                         args.batch_size, model_name=str(args.model))
+    save_calibration(ds, out, meta, overwrite=args.overwrite)
+    print(f"wrote {out}: {len(ds)} items, hash {meta['calibration_hash']}")
+    for length, d in meta["by_length"].items():
+        acc = f", model answers match the reference on {d['correct']}/{d['scored']}" if d["scored"] else ""
+        print(f"  length {length}: {d['items']} items, {d['min_tokens']}-{d['max_tokens']} tokens{acc}")
+    return 0
+
+
+__all__ = ["CalibrationError", "COLUMNS", "prompt_ids", "generate_answers", "calibration_hash", "load_calibration",
+           "load_meta", "save_calibration", "calibrate", "add_arguments", "run"]

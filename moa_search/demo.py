@@ -1,0 +1,228 @@
+"""`moa demo`: the whole pipeline on the embedded model, dense vs MoA vs uniform.
+
+    moa demo                  # CPU: ~10-15 min on 2 cores; GPU: a few minutes
+    moa demo --quick          # tiny sample counts and short lengths (~1-2 min on a CPU; CI)
+    moa demo --model MODEL_DIR -o out/
+
+Steps, each the public command of its stage, everything in one folder (-o, default moa_out/demo):
+
+    1. calibration/  moa calibrate   the model answers the default calibration set
+    2. profiles/     moa profile     per-head influence at three lengths (+ PNGs per length)
+    3. search/       moa search      per-head rules at 50% KV density (budget also held at
+                                     twice the longest profiled length) -> search/plan.json
+    4. eval/         moa eval        dense vs the MoA plan vs the uniform StreamingLLM plan of
+                                     the same KV density, at the profiled lengths and at twice
+                                     the longest: retrieval accuracy, answer perplexity, PNGs
+    5. summary.md    the final table (also printed)
+
+On a CPU retrieval is scored from one teacher-forced pass (`moa eval --retrieval-mode
+forced`: the greedy answer of the reference's length is right iff the argmax is right at
+every reference token); on a GPU by greedy generation through the sparse decode path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def embedded_model_dir() -> Path:
+    """The small Llama checkpoint shipped inside the package (see demo_model/README.md)."""
+    path = Path(__file__).resolve().parent / "demo_model"
+    if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: the embedded demo model is missing (config.json / model.safetensors); "
+                                "reinstall moa-search or pass --model MODEL_DIR")
+    return path
+
+
+@dataclass
+class Preset:
+    """Sizes of one demo run."""
+
+    lengths: list[int]          # profiled lengths; eval adds 2 x the longest
+    source: str                 # calibration source
+    calib_per_length: int | None
+    max_samples: int | None     # profile samples per length
+    eval_per_length: int        # eval items per task and length
+    pareto_points: int
+    retrieval_mode: str
+    validate: bool              # choose among Pareto plans by held-out loss at 2 x longest
+
+    @property
+    def eval_lengths(self) -> list[int]:
+        return sorted(set(self.lengths) | {2 * max(self.lengths)})
+
+
+PRESETS = {
+    # CI: seconds per step on a CPU
+    "quick": Preset([256, 512, 768], "default", 1, 2, 1, 4, "forced", False),
+    # the default calibration recipe at 512/1k/2k, sized for 2 CPU cores
+    "cpu": Preset([512, 1024, 2048], "default", 2, 6, 2, 8, "forced", False),
+    # a GPU: more samples, generation, selection by held-out loss
+    "gpu": Preset([1024, 2048, 4096], "default", None, None, 8, 20, "generate", True),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__
+    p.add_argument("--quick", action="store_true", help="tiny sample counts, lengths 256-1024 (+2048 eval): CI smoke run")
+    p.add_argument("--model", default=None, metavar="MODEL_DIR", help="checkpoint (default: the embedded demo model)")
+    p.add_argument("-o", "--output", default="moa_out/demo", metavar="DIR", help="output folder (default moa_out/demo)")
+    p.add_argument("--budget", type=float, default=0.5, help="KV density of the MoA and uniform plans (default 0.5)")
+    p.add_argument("--lengths", default=None, help="profiled lengths (default 1024,2048,4096; --quick 256,512,1024)")
+    p.add_argument("--source", default=None, help="calibration source (default: the default calibration set)")
+    p.add_argument("--calib-per-length", type=int, default=None, help="calibration items per task and length")
+    p.add_argument("--max-samples", type=int, default=None, help="profile samples per length")
+    p.add_argument("--eval-per-length", type=int, default=None, help="eval items per task and length")
+    p.add_argument("--retrieval-mode", choices=["generate", "forced"], default=None,
+                   help="how eval scores retrieval (default: forced on CPU, generate on GPU)")
+    p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
+    p.add_argument("--sink", type=int, default=None, help="sink tokens (default 64; --quick 16)")
+
+
+def _step(title: str, argv: list[str], con) -> None:
+    from moa_search.cli import main
+
+    con.rule(f"[bold]{title}")
+    con.print("[dim]$ moa " + " ".join(argv) + "[/]")
+    t0 = time.time()
+    rc = main(argv)
+    if rc != 0:
+        raise RuntimeError(f"`moa {' '.join(argv)}` failed with exit status {rc}")
+    con.print(f"[dim]{title}: {time.time() - t0:.0f}s[/]")
+
+
+def run(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from moa_search.plan import load_plan
+    from moa_search.rules import parse_lengths
+
+    con = Console()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = PRESETS["quick" if args.quick else ("gpu" if device.startswith("cuda") else "cpu")]
+    if args.lengths:
+        preset.lengths = parse_lengths(args.lengths)
+    if args.source:
+        preset.source = args.source
+    for name in ("calib_per_length", "max_samples", "eval_per_length", "retrieval_mode"):
+        if getattr(args, name) is not None:
+            setattr(preset, name, getattr(args, name))
+    sink = args.sink if args.sink is not None else (16 if args.quick else 64)
+    model = str(args.model or embedded_model_dir())
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = ",".join(map(str, preset.lengths))
+    longer = 2 * max(preset.lengths)
+    dev = ["--device", device]
+    t0 = time.time()
+    con.print(f"[bold]moa demo[/]: model {model}, profiled lengths {lengths}, eval also at {longer}, "
+              f"KV budget {args.budget:g}, device {device} -> {out}/")
+
+    calib = out / "calibration"
+    cal = ["calibrate", "--model", model, "--source", preset.source, "--lengths", lengths, "-o", str(calib),
+           "--overwrite", *dev]
+    if preset.calib_per_length:
+        cal += ["--per-length", str(preset.calib_per_length)]
+    if device.startswith("cuda"):
+        cal += ["--batch-size", "8"]
+    _step("1/4 calibrate", cal, con)
+
+    prof = ["profile", "--model", model, "--data", str(calib), "--lengths", lengths, "-o", str(out / "profiles"),
+            "--restart", *dev]
+    if preset.max_samples:
+        prof += ["--max-samples", str(preset.max_samples)]
+    _step("2/4 profile", prof, con)
+
+    search = ["search", "--profiles", str(out / "profiles"), "--budget", str(args.budget), "-o", str(out / "search"),
+              "--extend-lengths", str(longer), "--pareto-points", str(preset.pareto_points), "--sink", str(sink),
+              "--quiet"]
+    if preset.validate:
+        val = out / "validation"
+        vcal = ["calibrate", "--model", model, "--source", "synthetic:kv_retrieval,passkey,var_tracking",
+                "--lengths", str(longer), "--per-length", "2", "--seed", "2", "-o", str(val), "--overwrite", *dev]
+        _step("3/4 search: held-out validation items at the longer length", vcal, con)
+        search += ["--model", model, "--validation", str(val), "--device", device]
+    _step("3/4 search", search, con)
+
+    plan_path = out / "search" / "plan.json"
+    ev = ["eval", "--model", model, "--dense", "--plan", str(plan_path), "--uniform-density", str(args.budget),
+          "--sink", str(sink), "--lengths", ",".join(map(str, preset.eval_lengths)),
+          "--per-length", str(preset.eval_per_length), "--retrieval-mode", preset.retrieval_mode,
+          "-o", str(out / "eval"), *dev]
+    _step("4/4 eval", ev, con)
+
+    plan = load_plan(plan_path)
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    text = summary_markdown(summary, plan, preset, args.budget, model, time.time() - t0, device)
+    from moa_search.plan import atomic_write_text
+
+    atomic_write_text(out / "summary.md", text)
+    con.rule("[bold]summary")
+    print_summary(summary, plan, con)
+    con.print(f"everything is in {out}/ (summary.md, calibration/, profiles/, search/, eval/); "
+              f"total {time.time() - t0:.0f}s")
+    return 0
+
+
+def _cells(summary: dict) -> tuple[list[str], list[int], dict]:
+    res = summary["results"]
+    configs = list(dict.fromkeys(r["config"] for r in res))
+    lengths = sorted({int(r["length"]) for r in res})
+    cell = {(r["config"], int(r["length"])): r for r in res}
+    return configs, lengths, cell
+
+
+def _label(config: str) -> str:
+    return "MoA (searched plan)" if config.endswith("plan") else config
+
+
+def print_summary(summary: dict, plan, con) -> None:
+    from rich.table import Table
+
+    configs, lengths, cell = _cells(summary)
+    t = Table(title="retrieval accuracy / answer perplexity (KV density)")
+    t.add_column("config")
+    for n in lengths:
+        t.add_column(f"{n}" + (" (2x)" if n == lengths[-1] and len(lengths) > 1 else ""), justify="right")
+    for c in configs:
+        row = []
+        for n in lengths:
+            r = cell.get((c, n))
+            row.append("-" if r is None else f"{r['accuracy']:.2f} / {r['ppl']:.2f} ({r['kv_density']:.2f})")
+        t.add_row(_label(c), *row)
+    con.print(t)
+    a, b = plan.query_rules()
+    con.print(f"MoA plan: {plan.distinct_rules()} distinct rules over {a.size} query heads, "
+              f"{int((b == 0).sum())} local heads (beta = 0)")
+
+
+def summary_markdown(summary: dict, plan, preset: Preset, budget: float, model: str, seconds: float,
+                     device: str) -> str:
+    configs, lengths, cell = _cells(summary)
+    lines = [f"# moa demo: dense vs MoA vs uniform at KV density {budget:g}", "",
+             f"model `{model}`, profiled at {', '.join(map(str, preset.lengths))}; eval at "
+             f"{', '.join(map(str, lengths))} ({preset.eval_per_length} items per task and length, retrieval "
+             f"scored by {preset.retrieval_mode}); device {device}; {seconds:.0f}s", "",
+             "Cells: retrieval accuracy / answer perplexity (KV density at that length).", "",
+             "| config | " + " | ".join(str(n) for n in lengths) + " |",
+             "|---|" + "---:|" * len(lengths)]
+    for c in configs:
+        vals = []
+        for n in lengths:
+            r = cell.get((c, n))
+            vals.append("-" if r is None else f"{r['accuracy']:.2f} / {r['ppl']:.2f} ({r['kv_density']:.2f})")
+        lines.append(f"| {_label(c)} | " + " | ".join(vals) + " |")
+    a, b = plan.query_rules()
+    lines += ["", f"MoA plan: {plan.distinct_rules()} distinct rules over {a.size} query heads, "
+                  f"{int((b == 0).sum())} local heads (beta = 0); selection: "
+                  f"{plan.provenance.get('selection', '')}", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["embedded_model_dir", "PRESETS", "add_arguments", "run"]

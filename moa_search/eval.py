@@ -1,0 +1,563 @@
+"""`moa eval`: retrieval accuracy and perplexity of dense vs plans, by length and by depth.
+
+    moa eval --model M --dense --plan plan.json --uniform-density 0.5 \\
+             --tasks retrieval,ppl --lengths 2048,4096,8192 -o eval_out/
+
+Every configuration (dense, each --plan, each uniform density) runs on the same held-out
+items (prompt, reference, task, length, depth):
+
+  retrieval   greedy generation from the prompt; an item is right when the reference
+              appears in the answer as whole words (calibration_data.tasks.is_correct).
+              --retrieval-mode forced scores it from one teacher-forced pass instead:
+              right when the argmax at every reference token is that token, which is what
+              greedy decoding of the reference's length gives under prefill semantics,
+              at the cost of one forward pass (used by `moa demo --quick` on the CPU).
+  ppl         response-masked loss: the reference's tokens are appended to the prompt
+              and the mean next-token cross-entropy is taken over them only; perplexity
+              = exp(mean loss over the items of a length).
+
+Uniform baseline (--uniform-density D): StreamingLLM, every head keeps `--sink` first
+tokens plus a fixed window; at each length N the window is round(D N) - sink, so that
+its KV density (sink + window) / N equals D at every evaluated length (a fixed-window
+plan per length, not one elastic plan).
+
+Items: by default calibration_data's held-out eval recipe (defaults.RECIPES["eval"]: the
+three tasks, seed 1, answers at evenly spread depths), built at each --lengths with the
+model's own tokenizer, as `moa calibrate --source default` does for calibration; so any
+length, e.g. twice the longest profiled one, is measured in the model's real tokens.
+--data FILE takes fixed items instead (JSONL/JSON list, or a `datasets` dataset saved to
+disk; e.g. calibration_data/default_eval.jsonl, whose lengths are approximate counts).
+
+Writes into -o DIR: results.csv (one row per config x length x task x depth bin, with
+the densities), items.csv (every item's answer and loss), summary.json, and PNGs:
+accuracy_vs_length.png, ppl_vs_length.png, depth_heatmaps.png (depth x length per config).
+Uses apply_plan: Triton kernels on a GPU, the PyTorch reference on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+METRICS = ("retrieval", "ppl")
+
+
+# ----------------------------------------------------------------------------- items
+
+
+def reference_text(prompt: str, reference: str) -> str:
+    """The continuation the model should write: the builders' references follow their
+    answer cue after one space."""
+    if reference[:1].isspace() or prompt[-1:].isspace():
+        return reference
+    return " " + reference
+
+
+def _tokenize(tok, prompt: str, reference: str) -> tuple[list[int], list[int]]:
+    """Prompt ids (as `moa calibrate` builds them) and reference ids (no special tokens),
+    tokenized apart so the reference's tokens are the same whatever precedes them."""
+    from moa_search.calibrate import prompt_ids
+
+    p = prompt_ids(tok, prompt)   # the chat template when the tokenizer has one, as calibrate does
+    r = tok(reference_text(prompt, reference), add_special_tokens=False)["input_ids"]
+    if not r:
+        raise ValueError(f"reference {reference!r} tokenizes to nothing")
+    return list(p), list(r)
+
+
+def read_items(path: str | Path) -> list[dict]:
+    """Items from a JSONL/JSON file or a dataset saved with `datasets` (save_to_disk)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such eval data")
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(path))
+        if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict
+            split = "test" if "test" in ds else ("validation" if "validation" in ds else list(ds.keys())[0])
+            ds = ds[split]
+        items = [dict(r) for r in ds]
+    elif path.suffix == ".jsonl":
+        from moa_search.calibration_data.defaults import read_jsonl
+
+        items = read_jsonl(path)
+    else:
+        items = json.loads(path.read_text())
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of items")
+    for n, it in enumerate(items):
+        missing = [k for k in ("prompt", "reference", "length") if k not in it]
+        if missing:
+            raise ValueError(f"{path}: item {n} ({it.get('id', '?')}) lacks field(s) {missing}; eval items need "
+                             "prompt, reference, length (and optionally id, task, depth)")
+        it.setdefault("id", f"item-{n}")
+        it.setdefault("task", "unknown")
+        it.setdefault("depth", float("nan"))
+    return items
+
+
+def eval_items(tok, lengths: list[int], per_length: int | None, data: str | None = None, seed: int | None = None,
+               tasks: list[str] | None = None) -> list[dict]:
+    """Held-out items at `lengths`.
+
+    data None: the default eval recipe (calibration_data.defaults.RECIPES["eval"]: its tasks
+    and its held-out seed) built at each length with the model's own tokenizer, per_length
+    items per task at evenly spread depths (default: the recipe's 5). `seed` overrides the
+    recipe's seed. data FILE/DIR: its items of each length (an error names the lengths it
+    has), at most per_length per task, spread over depths.
+    """
+    if data is None:
+        from moa_search.calibration_data import tasks as T
+        from moa_search.calibration_data.defaults import RECIPES
+
+        recipe = RECIPES["eval"]
+
+        def count(s):
+            return len(tok(s, add_special_tokens=False)["input_ids"])
+
+        return T.build_items(tasks or recipe["tasks"], lengths, per_length or recipe["groups"][0]["per_length"],
+                             recipe["seed"] if seed is None else seed, count)
+    pool = read_items(data)
+    if tasks:
+        pool = [it for it in pool if it["task"] in tasks]
+    out = []
+    for n in lengths:
+        have = [it for it in pool if int(it["length"]) == n]
+        if not have:
+            raise ValueError(f"{data}: no items of length {n} (lengths present: "
+                             f"{sorted({int(it['length']) for it in pool})})")
+        by_task: dict[str, list[dict]] = {}
+        for it in have:
+            by_task.setdefault(it["task"], []).append(it)
+        for task, group in by_task.items():
+            if per_length and len(group) > per_length:
+                # keep depths spread: an evenly spaced subset of the depth-sorted items
+                group = sorted(group, key=lambda it: it.get("depth", 0.0))
+                idx = np.linspace(0, len(group) - 1, per_length).round().astype(int)
+                group = [group[i] for i in idx]
+            out.extend(group)
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def response_losses(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the masked targets of each row.
+
+    logits [B, T, V] predict targets [B, T]; mask [B, T] bool (True = a response token).
+    Returns float32 [B].
+    """
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         reduction="none").view(targets.shape)
+    m = mask.float()
+    return (ce * m).sum(-1) / m.sum(-1).clamp_min(1)
+
+
+def forced_correct(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """bool [B]: the argmax equals the target at every masked position (greedy reproduces it)."""
+    ok = (logits.argmax(-1) == targets) | ~mask
+    return ok.all(-1)
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        att[b, T - len(s):] = 1
+    return ids.to(device), att.to(device)
+
+
+@torch.no_grad()
+def score_batch(model, tok, batch: list[dict], metrics=METRICS, mode: str = "generate") -> list[dict]:
+    """Per-item results for one batch: {correct, loss, answer, n_prompt, n_answer}."""
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    enc = [_tokenize(tok, it["prompt"], it["reference"]) for it in batch]
+    out = [{"n_prompt": len(p), "n_answer": len(r), "loss": float("nan"), "correct": None, "answer": ""} for p, r in enc]
+    need_forward = "ppl" in metrics or ("retrieval" in metrics and mode == "forced")
+    if need_forward:
+        ids, att = _left_pad([p + r for p, r in enc], pad, device)
+        pos = (att.cumsum(-1) - 1).clamp_min(0)
+        keep = max(len(r) for _, r in enc) + 1
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=keep).logits
+        logits = logits[:, :-1]                           # predicts the last keep-1 tokens
+        targets = ids[:, -(keep - 1):]
+        mask = torch.zeros_like(targets, dtype=torch.bool)
+        for b, (_, r) in enumerate(enc):
+            mask[b, -len(r):] = True
+        losses = response_losses(logits, targets, mask)
+        hits = forced_correct(logits, targets, mask)
+        for b in range(len(batch)):
+            out[b]["loss"] = float(losses[b])
+            if mode == "forced" and "retrieval" in metrics:
+                out[b]["correct"] = bool(hits[b])
+                out[b]["answer"] = tok.decode(logits[b].argmax(-1)[mask[b]].tolist())
+    if "retrieval" in metrics and mode == "generate":
+        from moa_search.calibration_data.tasks import is_correct
+
+        ids, att = _left_pad([p for p, _ in enc], pad, device)
+        new = max(len(r) for _, r in enc) + 4
+        gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
+        for b, it in enumerate(batch):
+            answer = tok.decode(gen[b, ids.shape[1]:], skip_special_tokens=True)
+            out[b]["answer"] = answer
+            out[b]["correct"] = bool(is_correct(answer, it["reference"]))
+    return out
+
+
+def evaluate_items(model, tok, items: list[dict], metrics=METRICS, batch_size: int = 1, mode: str = "generate",
+                   progress: bool = True, desc: str = "eval") -> list[dict]:
+    """Score items (batched by similar prompt length). Returns one row per item:
+    the item's id/task/length/depth plus correct, loss, answer, n_prompt, n_answer."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]))
+    rows: list[dict | None] = [None] * len(items)
+    bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        scored = score_batch(model, tok, [items[i] for i in idx], metrics, mode)
+        for i, res in zip(idx, scored):
+            it = items[i]
+            rows[i] = {"id": it.get("id", str(i)), "task": it.get("task", "unknown"), "length": int(it["length"]),
+                       "depth": float(it.get("depth", float("nan"))), **res}
+        bar.update(len(idx))
+    bar.close()
+    return rows  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+@dataclass
+class Config:
+    """One thing to evaluate: dense (plan None), a plan file, or a uniform density."""
+
+    name: str
+    plan: object | None = None           # a Plan, or None
+    uniform_density: float | None = None
+    sink: int = 64
+
+    def plan_at(self, shape, n: int):
+        """The plan to run at length n (uniform: a fixed window giving KV density D at n)."""
+        if self.uniform_density is None:
+            return self.plan
+        from moa_search.plan import PlanError, uniform_plan
+
+        window = int(round(self.uniform_density * n)) - self.sink
+        if window < 1:
+            raise PlanError(f"uniform density {self.uniform_density} at length {n} leaves no window after "
+                            f"{self.sink} sink tokens; lower --sink or raise the density")
+        p = uniform_plan(shape, sink=self.sink, span_tokens=window)
+        p.budget = {"kind": "kv", "density": float(self.uniform_density), "lengths": [n]}
+        return p
+
+
+def densities(plan, n: int) -> dict:
+    if plan is None:
+        return {"kv_density": 1.0, "compute_density": 1.0}
+    d = plan.densities(n)
+    return {"kv_density": d["kv_density"], "compute_density": d["compute_density"]}
+
+
+def build_configs(dense: bool, plans: list[str], uniform: list[float], sink: int) -> list[Config]:
+    from moa_search.plan import load_plan
+
+    configs = [Config("dense")] if dense else []
+    stems = [Path(p).stem for p in plans]
+    for path, stem in zip(plans, stems):
+        name = stem if stems.count(stem) == 1 and stem != "plan" else f"{Path(path).parent.name}/{stem}"
+        configs.append(Config(name, plan=load_plan(path)))
+    for d in uniform:
+        if not 0 < d <= 1:
+            raise ValueError(f"--uniform-density must be in (0, 1], got {d}")
+        configs.append(Config(f"uniform@{d:g}", uniform_density=d, sink=sink))
+    if not configs:
+        raise ValueError("nothing to evaluate: give --dense, --plan PLAN and/or --uniform-density D")
+    return configs
+
+
+def run_configs(model, tok, configs: list[Config], items: list[dict], metrics=METRICS, batch_size: int = 1,
+                mode: str = "generate", backend: str = "auto", progress: bool = True) -> list[dict]:
+    """Every config on every item; item rows gain 'config', 'kv_density', 'compute_density'."""
+    from moa_search.apply import apply_plan, remove_plan
+    from moa_search.plan import ModelShape
+
+    shape = ModelShape.from_config(model.config)
+    lengths = sorted({int(it["length"]) for it in items})
+    rows = []
+    for cfg in configs:
+        for n in lengths:
+            plan = cfg.plan_at(shape, n)
+            if plan is None:
+                if getattr(model, "moa_plan", None) is not None:
+                    remove_plan(model)
+            else:
+                apply_plan(model, plan, backend=backend)
+            sel = [it for it in items if int(it["length"]) == n]
+            t0 = time.time()
+            got = evaluate_items(model, tok, sel, metrics, batch_size, mode, progress, desc=f"{cfg.name} @ {n}")
+            dens = densities(plan, n)
+            for r in got:
+                r.update(config=cfg.name, **dens, seconds=(time.time() - t0) / max(1, len(got)))
+            rows.extend(got)
+    if getattr(model, "moa_plan", None) is not None:
+        remove_plan(model)
+    return rows
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def depth_bin(depth: float, bins: int) -> int:
+    if not math.isfinite(depth):
+        return -1
+    return min(bins - 1, int(depth * bins))
+
+
+def aggregate(rows: list[dict], bins: int = 5) -> list[dict]:
+    """Long table: config x length x task ('all' too) x depth bin ('all' too)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        for task in ("all", r["task"]):
+            for d in ("all", depth_bin(r["depth"], bins)):
+                groups.setdefault((r["config"], r["length"], task, d), []).append(r)
+    out = []
+    for (cfg, n, task, d), rs in groups.items():
+        acc = [r["correct"] for r in rs if r["correct"] is not None]
+        losses = [r["loss"] for r in rs if math.isfinite(r["loss"])]
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        out.append({
+            "config": cfg, "length": n, "task": task,
+            "depth_bin": d if d == "all" else (f"{d / bins:.1f}-{(d + 1) / bins:.1f}" if d >= 0 else "n/a"),
+            "n": len(rs), "prompt_tokens": float(np.mean([r["n_prompt"] for r in rs])),
+            "accuracy": float(np.mean(acc)) if acc else float("nan"),
+            "loss": mean_loss, "ppl": math.exp(mean_loss) if math.isfinite(mean_loss) else float("nan"),
+            "kv_density": rs[0]["kv_density"], "compute_density": rs[0]["compute_density"],
+        })
+    order = {c: i for i, c in enumerate(dict.fromkeys(r["config"] for r in rows))}
+    out.sort(key=lambda r: (order[r["config"]], r["length"], r["task"] != "all", r["task"], str(r["depth_bin"])))
+    return out
+
+
+def overall(table: list[dict]) -> list[dict]:
+    return [r for r in table if r["task"] == "all" and r["depth_bin"] == "all"]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import io
+
+    from moa_search.plan import atomic_write_text
+
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console()
+    main = overall(table)
+    configs = list(dict.fromkeys(r["config"] for r in main))
+    lengths = sorted({r["length"] for r in main})
+    cell = {(r["config"], r["length"]): r for r in main}
+    for metric, label, fmt in (("accuracy", "retrieval accuracy (exact match)", "{:.3f}"),
+                               ("ppl", "answer perplexity (response-masked)", "{:.3f}")):
+        if (metric == "accuracy" and "retrieval" not in metrics) or (metric == "ppl" and "ppl" not in metrics):
+            continue
+        t = Table(title=f"{title}{label}")
+        t.add_column("config")
+        for n in lengths:
+            t.add_column(str(n), justify="right")
+        for c in configs:
+            vals = []
+            for n in lengths:
+                r = cell.get((c, n))
+                if r is None:
+                    vals.append("-")
+                    continue
+                kv = "" if c == "dense" else f" [dim](kv {r['kv_density']:.2f})[/]"
+                vals.append(fmt.format(r[metric]) + kv)
+            t.add_row(c, *vals)
+        con.print(t)
+
+
+def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
+    """accuracy_vs_length.png, ppl_vs_length.png, depth_heatmaps.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    main = overall(table)
+    configs = list(dict.fromkeys(r["config"] for r in main))
+    lengths = sorted({r["length"] for r in main})
+    for metric, fname, ylabel in (("accuracy", "accuracy_vs_length.png", "retrieval accuracy"),
+                                  ("ppl", "ppl_vs_length.png", "answer perplexity")):
+        if (metric == "accuracy" and "retrieval" not in metrics) or (metric == "ppl" and "ppl" not in metrics):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for c in configs:
+            pts = sorted((r["length"], r[metric]) for r in main if r["config"] == c)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=c)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_xlabel("input length (tokens)")
+        ax.set_ylabel(ylabel)
+        if metric == "accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        written.append(out / fname)
+    if "retrieval" in metrics:
+        bins = sorted({r["depth_bin"] for r in table if r["task"] == "all" and r["depth_bin"] not in ("all", "n/a")})
+        if bins:
+            fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs) + 1, 3.2), squeeze=False)
+            cell = {(r["config"], r["length"], r["depth_bin"]): r["accuracy"]
+                    for r in table if r["task"] == "all" and r["depth_bin"] != "all"}
+            for ax, c in zip(axes[0], configs):
+                grid = np.array([[cell.get((c, n, b), np.nan) for n in lengths] for b in bins])
+                im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+                ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+                ax.set_yticks(range(len(bins)), bins)
+                ax.set_title(c, fontsize=9)
+                ax.set_xlabel("length")
+                for i in range(len(bins)):
+                    for j in range(len(lengths)):
+                        if np.isfinite(grid[i, j]):
+                            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                    color="white" if grid[i, j] < 0.5 else "black")
+            axes[0][0].set_ylabel("depth of the needed fact")
+            fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+            fig.savefig(out / "depth_heatmaps.png", dpi=120, bbox_inches="tight")
+            plt.close(fig)
+            written.append(out / "depth_heatmaps.png")
+    return written
+
+
+def write_outputs(out: Path, rows: list[dict], table: list[dict], meta: dict, metrics=METRICS,
+                  plots: bool = True) -> None:
+    from moa_search.plan import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "results.csv", table)
+    _write_csv(out / "items.csv", rows)
+    summary = {**meta, "results": overall(table)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    if plots:
+        plot(table, out, metrics)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    got = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in got if x not in METRICS]
+    if bad or not got:
+        raise ValueError(f"--tasks takes a comma list of {', '.join(METRICS)}, got {text!r}")
+    return got
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__
+    p.add_argument("--model", default=None, metavar="MODEL_DIR",
+                   help="Hugging Face checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--plan", action="append", default=[], metavar="PLAN", help="plan JSON to evaluate (repeatable)")
+    p.add_argument("--dense", action="store_true", help="evaluate the dense model too")
+    p.add_argument("--uniform-density", type=float, action="append", default=[], metavar="D",
+                   help="evaluate the uniform StreamingLLM plan of KV density D at every length (repeatable)")
+    p.add_argument("--sink", type=int, default=64, help="sink tokens of the uniform plans (default 64)")
+    p.add_argument("--tasks", default="retrieval,ppl", help="metrics: retrieval, ppl or both (default both)")
+    p.add_argument("--lengths", default="2048,4096,8192", help="comma-separated lengths (default 2048,4096,8192)")
+    p.add_argument("--data", default=None, help="eval items: JSONL/JSON file or saved dataset "
+                   "(default: the default eval recipe built at --lengths with the model's tokenizer)")
+    p.add_argument("--task-types", default=None, help="only these item tasks, e.g. kv_retrieval,passkey")
+    p.add_argument("--per-length", type=int, default=None,
+                   help="items per task and length (default: 5 built; with --data, all it has)")
+    p.add_argument("--retrieval-mode", choices=["generate", "forced"], default="generate",
+                   help="generate: greedy generation (default); forced: one teacher-forced pass (faster)")
+    p.add_argument("--batch-size", type=int, default=None, help="items per batch (default 8 on GPU, 1 on CPU)")
+    p.add_argument("--depth-bins", type=int, default=5, help="depth bins of the heatmaps (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the built items (default: the eval recipe's, 1)")
+    p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference"],
+                   help="sparse attention backend for plans (auto: Triton on GPU, reference on CPU)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+
+
+def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, metrics=METRICS, data=None,
+             per_length=None, mode="generate", batch_size=None, device=None, dtype=None, backend="auto",
+             bins=5, seed=None, task_types=None, plots=True, console=None, title="") -> list[dict]:
+    """Load the model, score every config, write the outputs; returns the aggregated table."""
+    from moa_search.cli import load_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model, tok = load_model(str(model_dir), device, dtype)
+    items = eval_items(tok, lengths, per_length, data, seed, task_types)
+    bs = batch_size or (8 if device.startswith("cuda") else 1)
+    t0 = time.time()
+    rows = run_configs(model, tok, configs, items, metrics, bs, mode, backend)
+    table = aggregate(rows, bins)
+    meta = {"model": str(model_dir), "configs": [c.name for c in configs], "lengths": lengths,
+            "metrics": list(metrics), "retrieval_mode": mode, "items": len(items), "data": data or "default eval set",
+            "device": device, "dtype": dtype, "seconds": round(time.time() - t0, 1)}
+    write_outputs(out, rows, table, meta, metrics, plots)
+    print_tables(table, metrics, console, title)
+    return table
+
+
+def run(args) -> int:
+    from moa_search.rules import parse_lengths
+
+    try:
+        metrics = parse_metrics(args.tasks)
+        lengths = parse_lengths(args.lengths)
+        configs = build_configs(args.dense, args.plan, args.uniform_density, args.sink)
+    except ValueError as e:
+        print(f"moa eval: error: {e}", file=sys.stderr)
+        return 2
+    model_dir = args.model
+    if model_dir is None:
+        from moa_search.demo import embedded_model_dir
+
+        model_dir = embedded_model_dir()
+    task_types = [t.strip() for t in args.task_types.split(",")] if args.task_types else None
+    try:
+        evaluate(model_dir, configs, lengths, Path(args.output), metrics, args.data, args.per_length,
+                 args.retrieval_mode, args.batch_size, args.device, args.dtype, args.backend, args.depth_bins,
+                 args.seed, task_types, not args.no_plots)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moa eval: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}/results.csv, items.csv, summary.json" + ("" if args.no_plots else " and PNGs"))
+    return 0
