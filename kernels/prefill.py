@@ -16,7 +16,9 @@ query block: the block is inside [start, end), left of the first row's diagonal 
 the last row's window edge. Only edge blocks pay for the token mask, so a plan means exactly
 the token-level set of `rules.kept` on this backend too.
 
-Softmax is online (FlashAttention-2 style) in base 2, with fp32 accumulators. Programs are
+Softmax is online (FlashAttention-2 style) in base 2, with fp32 accumulators. Inputs bf16,
+fp16 (fp32 works, through tf32 dots on the GPU); head_dim a power of 2 >= 16 runs directly,
+any other is zero-padded to one (a copy of q, k, v). Programs are
 launched longest work first (last query blocks first, and inside a query block the heads with
 the widest spans first) so that the heterogeneous spans of a plan do not leave a long tail.
 """
@@ -30,17 +32,18 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # How many times each path ran (the dispatch test reads it; cheap, host side only).
 CALLS: Counter = Counter()
 
 # A layer whose every head keeps every causal key (span >= N, no padding) goes to SDPA's
 # fused causal path instead of this kernel (set False to force the kernel, e.g. to time it).
+# Measured on H100 (BENCHMARKS.md): kernel 477-484 TFLOP/s dense, default SDPA 582-614.
 DENSE_TO_SDPA = True
 # Below this many keys the host sync that checks "all dense" costs more than it can save.
 DENSE_CHECK_MIN_N = 1024
-# Load K/V blocks through tensor descriptors (TMA) by default (decided by measurement on H100).
+# Load K/V blocks through tensor descriptors (TMA) instead of pointers. Correct on the H100
+# (tests), not yet timed there, so pointers stay the default.
 USE_TMA = False
 
 
@@ -228,8 +231,6 @@ def _check(q, k, v, span, start, end):
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     if Nq > Nk:
         raise ValueError(f"queries ({Nq}) must be the last Nq of the Nk={Nk} keys")
-    if D & (D - 1) or D < 16:
-        raise ValueError(f"head_dim must be a power of 2 >= 16 for this kernel, got {D}")
     if tuple(span.shape) != (B, Hq):
         raise ValueError(f"span must be int64 [B={B}, Hq={Hq}], got {tuple(span.shape)}")
     for name, t in (("start", start), ("end", end)):
@@ -273,6 +274,17 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
         CALLS["sdpa"] += 1
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
+
+    d_pad = max(16, triton.next_power_of_2(D))
+    if d_pad != D:
+        # tl.arange needs a power of 2: zero columns change no score and give zero output columns
+        pad = lambda t: torch.nn.functional.pad(t, (0, d_pad - D))  # noqa: E731
+        res = sparse_attention_prefill(pad(q), pad(k), pad(v), sink, span, start, end, scale, return_lse=return_lse,
+                                       dense="never", block_m=block_m, block_n=block_n, num_warps=num_warps,
+                                       num_stages=num_stages, lse_out=lse_out, sort_heads=sort_heads, use_tma=use_tma)
+        o = (res[0] if return_lse else res)[..., :D]
+        o = out.copy_(o) if out is not None else o.contiguous()
+        return (o, res[1]) if return_lse else o
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is None:

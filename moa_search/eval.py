@@ -31,7 +31,8 @@ disk; e.g. calibration_data/default_eval.jsonl, whose lengths are approximate co
 Writes into -o DIR: results.csv (one row per config x length x task x depth bin, with
 the densities), items.csv (every item's answer and loss), summary.json, and PNGs:
 accuracy_vs_length.png, ppl_vs_length.png, depth_heatmaps.png (depth x length per config).
-Uses apply_plan: Triton kernels on a GPU, the PyTorch reference on the CPU.
+Uses apply_plan: Triton kernels on a GPU; on the CPU kernels/cpu_window.py (exactly the
+reference's kept set, but only the kept keys are gathered, so a plan costs its density).
 """
 from __future__ import annotations
 
@@ -298,6 +299,12 @@ def run_configs(model, tok, configs: list[Config], items: list[dict], metrics=ME
     from moa_search.plan import ModelShape
 
     shape = ModelShape.from_config(model.config)
+    if backend == "auto" and next(model.parameters()).device.type == "cpu":
+        # the reference scores all N^2 pairs; this path touches only the kept keys (same result)
+        from moa_search.kernels.cpu_window import register
+
+        register()
+        backend = "cpu_window"
     lengths = sorted({int(it["length"]) for it in items})
     rows = []
     for cfg in configs:
@@ -508,8 +515,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference"],
-                   help="sparse attention backend for plans (auto: Triton on GPU, reference on CPU)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu_window"],
+                   help="sparse attention backend for plans (auto: Triton on GPU; on CPU cpu_window, which "
+                        "gathers only the kept keys; reference: the all-pairs oracle)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
 

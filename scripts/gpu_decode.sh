@@ -6,7 +6,9 @@
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || echo "pip install failed"
+pip install --no-build-isolation --no-deps -e . >"$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
+# the kernels/ folder is importable only through the install's package-dir mapping
+python3 -c 'import moa_search.kernels.decode' 2>&1 | tail -1 | sed 's/^/import check: /' 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "cuda", torch.version.cuda)'
 } 2>&1 | tee "$OUT/env.txt"

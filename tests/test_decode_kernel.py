@@ -89,14 +89,15 @@ def test_reference_matches_dense_oracle(G):
     torch.testing.assert_close(got, want.to(got.dtype), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,G,splits,sink", [(torch.float32, 2, 1, 4), (torch.float32, 1, 3, 4),
-                                                 (torch.float16, 4, 2, 4), (torch.float16, 2, 4, 2)])
-def test_triton_decode_interpreted(dtype, G, splits, sink):
+@pytest.mark.parametrize("dtype,G,splits,sink,block_n", [(torch.float32, 2, 1, 4, 16), (torch.float32, 1, 3, 4, 16),
+                                                         (torch.float16, 4, 2, 4, 16), (torch.float16, 2, 4, 2, 16),
+                                                         (torch.float16, 2, None, 4, None)])
+def test_triton_decode_interpreted(dtype, G, splits, sink, block_n):
     # sink < s0 checks that the kernel masks sink slots by the rule, not by the layout
     q, k, v, keys, values, off, cap, span, n, _ = make_case(G=G, dtype=dtype, seed=10 + G, cap=(5, 11, 0 + 3), Hkv=3)
     want = dense_oracle(q, k, v, sink, span, n)
     out = packed_decode_attention(q, keys, values, off.to(torch.int32), cap.to(torch.int32), 4, sink, span, n,
-                                  num_splits=splits, block_n=16)
+                                  num_splits=splits, **({} if block_n is None else {"block_n": block_n}))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 

@@ -130,6 +130,12 @@ def test_strided_inputs_and_custom_scale():
     _run_and_compare(q, k, v, 3, torch.tensor([[4, 30, 91, 12]]), scale=0.05, block_m=32, block_n=32)
 
 
+def test_head_dim_not_a_power_of_two():
+    """head_dim 24 (e.g. 80 or 96 in real models) runs zero-padded to the next power of 2."""
+    q, k, v = _inputs(1, 4, 2, 60, 60, 24, torch.float16)
+    _run_and_compare(q, k, v, 4, torch.tensor([[3, 20, 61, 9]]), block_m=16, block_n=16)
+
+
 def test_bad_input_is_refused_with_a_clear_error():
     prefill = _prefill()
     q, k, v = _inputs(1, 3, 2, 10, 10, 16, torch.float32, seed=0)
