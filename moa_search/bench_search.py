@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--cbc", action="store_true", help="also time one CBC solve")
     p.add_argument("--no-front", action="store_true", help="skip the Pareto sweep")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="keep the sweep's output folder here (default: a temporary one)")
     args = p.parse_args(argv)
 
     lengths = R.parse_lengths(args.lengths)
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
               f"(solver {sol.seconds:.2f} s), gap {sol.gap}, loss {sol.losses.round(4).tolist()}, "
               f"density {sol.densities.round(4).tolist()}", flush=True)
     if not args.no_front:
-        with tempfile.TemporaryDirectory() as out:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = args.out or tmp
             t0 = time.perf_counter()
             res = search(tables, args.budget, out, granularity=args.granularity, extend_lengths=extend,
                          pareto_points=args.points, mip_gap=args.mip_gap,

@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,11 +215,14 @@ def _weights(m: int, primary: int, scale: np.ndarray) -> np.ndarray:
 
 
 def _grid(m: int, points: int) -> list[tuple[float, ...]]:
-    """Levels t in [0, 1) for the m-1 non-primary losses: eps = ideal + t (nadir - ideal)."""
+    """Levels t in (0, 1) for the m-1 non-primary losses: eps = ideal + t (nadir - ideal).
+
+    The ends are left to the anchors: t = 1 is the primary's own anchor, and t = 0 (another
+    loss held at its very best) is that loss's anchor or infeasible, and the hardest to solve."""
     if m < 2 or points <= m:
         return []
     k = max(1, int(math.floor((points - m) ** (1.0 / (m - 1)) + 1e-9)))
-    return list(itertools.product(*[[i / k for i in range(k)]] * (m - 1)))
+    return list(itertools.product(*[[(i + 1) / (k + 1) for i in range(k)]] * (m - 1)))
 
 
 def study_name(problem: Problem, settings: dict) -> str:
@@ -307,8 +311,7 @@ def run_pareto(problem: Problem, out_dir: str | os.PathLike, points: int = 20, s
         for k, levels in enumerate(grid):
             eps = [None] * m
             for j, t in zip(others, levels):
-                # a hair of slack so the anchor that reached the ideal stays feasible
-                eps[j] = ideal[j] + t * (nadir[j] - ideal[j]) + 1e-9 * max(abs(nadir[j]), 1e-300)
+                eps[j] = ideal[j] + t * (nadir[j] - ideal[j])
             results.append(run_point(m + k, "eps", _weights(m, primary, scale), eps))
     bar.close()
     return results, study
@@ -534,10 +537,8 @@ def print_summary(res: SearchResult, problem: Problem, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    import shutil
-
     # piped output (a log, a CI job) would otherwise get rich's 80 columns and truncated numbers
-    con = console or Console(width=shutil.get_terminal_size((160, 24)).columns)
+    con = console or (Console() if sys.stdout.isatty() else Console(width=160))
     t = Table(title=f"Pareto plans ({problem.kind} density <= {problem.budget:g} at N={problem.budget_lengths})")
     for col in (["plan", "point", "status"] + [f"loss@{_short(n)}" for n in problem.loss_lengths]
                 + [f"dens@{_short(n)}" for n in problem.budget_lengths] + ["score", ""]):
