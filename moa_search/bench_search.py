@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--cbc", action="store_true", help="also time one CBC solve")
     p.add_argument("--no-front", action="store_true", help="skip the Pareto sweep")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="worker processes for the Pareto sweep")
     p.add_argument("--out", default=None, help="keep the sweep's output folder here (default: a temporary one)")
     args = p.parse_args(argv)
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             res = search(tables, args.budget, out, granularity=args.granularity, extend_lengths=extend,
                          pareto_points=args.points, mip_gap=args.mip_gap,
-                         time_limit=args.time_limit, progress=False)
+                         time_limit=args.time_limit, progress=False, jobs=args.jobs)
             wall = time.perf_counter() - t0
         st = [p.status for p in res.points]
         print(f"pareto sweep: {len(res.points)} points in {wall:.1f} s (solves {sum(p.seconds for p in res.points):.1f} s), "

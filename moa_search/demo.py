@@ -1,6 +1,6 @@
 """`moa demo`: the whole pipeline on the embedded model, dense vs MoA vs uniform.
 
-    moa demo                  # CPU: ~10-15 min on 2 cores; GPU: a few minutes
+    moa demo                  # CPU: ~10 min on 2 cores (512/1k/2k, eval to 4k); GPU: a few minutes (1k/2k/4k, to 8k)
     moa demo --quick          # tiny sample counts and short lengths (~1-2 min on a CPU; CI)
     moa demo --model MODEL_DIR -o out/
 
@@ -60,7 +60,7 @@ PRESETS = {
     # CI: seconds per step on a CPU
     "quick": Preset([256, 512, 768], "default", 1, 2, 1, 4, "forced", False),
     # the default calibration recipe at 512/1k/2k, sized for 2 CPU cores
-    "cpu": Preset([512, 1024, 2048], "default", 2, 6, 2, 8, "forced", False),
+    "cpu": Preset([512, 1024, 2048], "default", 2, 6, 3, 8, "forced", False),
     # a GPU: more samples, generation, selection by held-out loss
     "gpu": Preset([1024, 2048, 4096], "default", None, None, 8, 20, "generate", True),
 }
@@ -69,11 +69,14 @@ PRESETS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
-    p.add_argument("--quick", action="store_true", help="tiny sample counts, lengths 256-1024 (+2048 eval): CI smoke run")
+    p.add_argument("--quick", action="store_true", help="tiny sample counts, lengths 256-768 (+1536 eval): CI smoke run")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="sizes of the run (default: quick with --quick, else gpu on CUDA, cpu otherwise)")
     p.add_argument("--model", default=None, metavar="MODEL_DIR", help="checkpoint (default: the embedded demo model)")
     p.add_argument("-o", "--output", default="moa_out/demo", metavar="DIR", help="output folder (default moa_out/demo)")
     p.add_argument("--budget", type=float, default=0.5, help="KV density of the MoA and uniform plans (default 0.5)")
-    p.add_argument("--lengths", default=None, help="profiled lengths (default 1024,2048,4096; --quick 256,512,1024)")
+    p.add_argument("--lengths", default=None, help="profiled lengths (default 512,1024,2048 on CPU, 1024,2048,4096 on GPU; "
+                        "--quick 256,512,768)")
     p.add_argument("--source", default=None, help="calibration source (default: the default calibration set)")
     p.add_argument("--calib-per-length", type=int, default=None, help="calibration items per task and length")
     p.add_argument("--max-samples", type=int, default=None, help="profile samples per length")
@@ -105,7 +108,10 @@ def run(args) -> int:
 
     con = Console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    preset = PRESETS["quick" if args.quick else ("gpu" if device.startswith("cuda") else "cpu")]
+    import copy
+
+    name = args.preset or ("quick" if args.quick else ("gpu" if device.startswith("cuda") else "cpu"))
+    preset = copy.deepcopy(PRESETS[name])
     if args.lengths:
         preset.lengths = parse_lengths(args.lengths)
     if args.source:

@@ -443,14 +443,14 @@ def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
     if "retrieval" in metrics:
         bins = sorted({r["depth_bin"] for r in table if r["task"] == "all" and r["depth_bin"] not in ("all", "n/a")})
         if bins:
-            fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs) + 1, 3.2), squeeze=False)
+            fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs) + 1.5, 3.4), squeeze=False)
             cell = {(r["config"], r["length"], r["depth_bin"]): r["accuracy"]
                     for r in table if r["task"] == "all" and r["depth_bin"] != "all"}
             for ax, c in zip(axes[0], configs):
                 grid = np.array([[cell.get((c, n, b), np.nan) for n in lengths] for b in bins])
                 im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
                 ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
-                ax.set_yticks(range(len(bins)), bins)
+                ax.set_yticks(range(len(bins)), bins if ax is axes[0][0] else [""] * len(bins))
                 ax.set_title(c, fontsize=9)
                 ax.set_xlabel("length")
                 for i in range(len(bins)):

@@ -236,7 +236,7 @@ def study_name(problem: Problem, settings: dict) -> str:
 
 def run_pareto(problem: Problem, out_dir: str | os.PathLike, points: int = 20, solver: str = "highs",
                   time_limit: float | None = None, mip_gap: float = 1e-3, settings: dict | None = None,
-                  progress: bool = True) -> tuple[list[Point], "object"]:
+                  progress: bool = True, jobs: int = 1) -> tuple[list[Point], "object"]:
     """Run (or resume) the epsilon-constraint sweep in an optuna study at OUTDIR/search.db.
 
     Points 0..m-1 minimise each profiled length's loss alone (anchors: they give each loss's
@@ -244,7 +244,7 @@ def run_pareto(problem: Problem, out_dir: str | os.PathLike, points: int = 20, s
     profiled length with the others bounded at levels between those. Each point is one trial
     with param "point"; finished points (optimal, time-limited, infeasible or failed) are read
     back, never solved again; trials left RUNNING by an interrupted run are failed and redone.
-    Returns (points, study).
+    jobs > 1 solves independent points in that many worker processes. Returns (points, study).
     """
     import optuna
     from optuna.trial import TrialState
@@ -274,17 +274,8 @@ def run_pareto(problem: Problem, out_dir: str | os.PathLike, points: int = 20, s
     total = m + len(grid)
     bar = tqdm(total=total, desc="pareto points", disable=not progress, initial=len([p for p in done if p < total]))
 
-    def run_point(idx: int, role: str, weights, eps) -> Point:
-        if idx in done:
-            done[idx].resumed = True
-            return done[idx]
-        trial = study.ask()
-        trial.suggest_int("point", idx, idx)       # fixed: the point id names the trial
-        try:
-            sol = milp.solve(problem, weights, eps, solver=solver, time_limit=time_limit, mip_gap=mip_gap)
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)    # no "status": a resumed run redoes it
-            raise
+    def finish(spec, trial, sol: milp.Solution) -> Point:
+        idx, role, weights, eps = spec
         pt = Point(idx, role, [None if e is None or not np.isfinite(e) else float(e) for e in eps],
                    sol.status, sol.solver, sol.seconds, sol.gap, sol.message, sol.choice,
                    None if sol.losses is None else sol.losses.tolist(),
@@ -300,19 +291,66 @@ def run_pareto(problem: Problem, out_dir: str | os.PathLike, points: int = 20, s
         bar.update(1)
         return pt
 
-    results = []
-    for i in range(m):
-        results.append(run_point(i, f"anchor:{problem.loss_lengths[i]}", _weights(m, i, scale), [None] * m))
+    def ask(idx):
+        trial = study.ask()
+        trial.suggest_int("point", idx, idx)       # fixed: the point id names the trial
+        return trial
+
+    def solve_all(specs) -> list[Point]:
+        """Solve the points not finished before; with jobs > 1 in worker processes."""
+        out = {}
+        for spec in specs:
+            if spec[0] in done:
+                done[spec[0]].resumed = True
+                out[spec[0]] = done[spec[0]]
+        todo = [spec for spec in specs if spec[0] not in out]
+        kw = dict(solver=solver, time_limit=time_limit, mip_gap=mip_gap)
+        open_trials = {}
+        try:
+            if jobs <= 1 or len(todo) <= 1:
+                for spec in todo:
+                    open_trials[spec[0]] = trial = ask(spec[0])
+                    out[spec[0]] = finish(spec, trial, milp.solve(problem, spec[2], spec[3], **kw))
+                    del open_trials[spec[0]]
+            else:
+                from concurrent.futures import ProcessPoolExecutor, as_completed
+
+                with ProcessPoolExecutor(min(jobs, len(todo))) as ex:
+                    futures = {}
+                    for spec in todo:
+                        open_trials[spec[0]] = ask(spec[0])
+                        futures[ex.submit(milp.solve, problem, spec[2], spec[3], **kw)] = spec
+                    try:
+                        for f in as_completed(futures):
+                            spec = futures[f]
+                            try:
+                                sol = f.result()
+                            except Exception as e:   # a worker died: report the point as failed
+                                sol = milp.Solution("failed", solver, 0.0, message=f"worker error: {e!r}")
+                            out[spec[0]] = finish(spec, open_trials.pop(spec[0]), sol)
+                    except BaseException:
+                        ex.shutdown(wait=False, cancel_futures=True)
+                        raise
+        except BaseException:
+            for trial in open_trials.values():      # no "status": a resumed run redoes them
+                study.tell(trial, state=TrialState.FAIL)
+            raise
+        return [out[spec[0]] for spec in specs]
+
+    results = solve_all([(i, f"anchor:{problem.loss_lengths[i]}", _weights(m, i, scale), [None] * m)
+                         for i in range(m)])
     anchors = [p for p in results if p.feasible]
     if grid and anchors:
         vals = np.array([p.losses for p in anchors])
         ideal, nadir = vals.min(0), vals.max(0)
         others = [j for j in range(m) if j != primary]
+        specs = []
         for k, levels in enumerate(grid):
             eps = [None] * m
             for j, t in zip(others, levels):
                 eps[j] = ideal[j] + t * (nadir[j] - ideal[j])
-            results.append(run_point(m + k, "eps", _weights(m, primary, scale), eps))
+            specs.append((m + k, "eps", _weights(m, primary, scale), eps))
+        results += solve_all(specs)
     bar.close()
     return results, study
 
@@ -366,7 +404,7 @@ def search(tables: Tables, budget: float, out_dir: str | os.PathLike, *, kind: s
            max_rules_per_layer: int | None = None, lower: float | None = None,
            score_fn: Callable[[Plan], float] | None = None, score_name: str = "validation loss",
            score_info: dict | None = None, heatmap_length: int | None = None, source: str = "",
-           progress: bool = True, console=None) -> SearchResult:
+           progress: bool = True, console=None, jobs: int = 1) -> SearchResult:
     """Search per-head rules under `budget` and write everything to `out_dir`.
 
     score_fn(plan) -> float (lower is better), e.g. the response-masked loss of held-out data at
@@ -381,7 +419,7 @@ def search(tables: Tables, budget: float, out_dir: str | os.PathLike, *, kind: s
                 "budget_lengths": problem.budget_lengths, "points": pareto_points, "lower": lower,
                 "max_rules_per_layer": max_rules_per_layer, "sink": tables.sink, "min_span": tables.min_span,
                 "rules": [(r.alpha, r.beta) for r in tables.rules], "mip_gap": mip_gap, "time_limit": time_limit}
-    points, study = run_pareto(problem, out, pareto_points, solver, time_limit, mip_gap, settings, progress)
+    points, study = run_pareto(problem, out, pareto_points, solver, time_limit, mip_gap, settings, progress, jobs)
     front = non_dominated(points)
     if not front:
         bad = "; ".join(f"point {p.point} ({p.role}): {p.status} {p.message}" for p in points)
@@ -499,6 +537,10 @@ def plot_front(res: SearchResult, problem: Problem, path: Path) -> Path:
         ax.scatter(*xy([chosen]), c="tab:red", marker="*", s=200, label="chosen")
         ax.set_xlabel(f"predicted loss at N={lens[j]}" if j is not None else f"{problem.kind} density")
         ax.set_ylabel(f"predicted loss at N={lens[-1]}")
+        for axis, values in (("x", xy(feas)[0]), ("y", xy(feas)[1])):
+            lo_v, hi_v = min(values), max(values)
+            if lo_v > 0 and hi_v / lo_v > 20:     # the anchors of other lengths can be far off: log scale
+                getattr(ax, f"set_{axis}scale")("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Pareto front, {problem.kind} density budget {problem.budget:g} at N={problem.budget_lengths}")
@@ -676,6 +718,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--heatmap-length", type=int, default=None,
                    help="length N of the span/N heatmap (default: the longest budget length)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="solve this many Pareto points at once, one process each (default: 2, or 1 on one core)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -695,11 +739,14 @@ def run(args) -> int:
     score_fn, info = None, None
     if args.validation:
         import datasets
-
-        from .cli import load_model
+        import torch
+        from transformers import AutoModelForCausalLM
 
         data = datasets.load_from_disk(args.validation)
-        model, _ = load_model(args.model, args.device, args.dtype)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        # only the weights are needed (the data is already tokenized): no tokenizer required
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
         score_fn = validation_scorer(model, data, progress=not args.quiet)
         longest = max(tables.lengths)
         if min(score_fn.lengths) <= longest:
@@ -711,7 +758,7 @@ def run(args) -> int:
                  solver=args.solver, extend_lengths=extend, pareto_points=args.pareto_points,
                  time_limit=args.time_limit, mip_gap=args.mip_gap, max_rules_per_layer=args.max_rules_per_layer,
                  lower=args.lower, score_fn=score_fn, score_info=info, heatmap_length=args.heatmap_length,
-                 source=f"moa search --profiles {args.profiles}", progress=not args.quiet)
+                 source=f"moa search --profiles {args.profiles}", progress=not args.quiet, jobs=args.jobs)
     return 0 if res.plan is not None else 1
 
 

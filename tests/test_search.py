@@ -319,7 +319,8 @@ def test_resume_does_not_redo_finished_points(tmp_path, monkeypatch):
     calls.clear()
     again = S.search(tables, 0.5, tmp_path / "out", **kw)
     assert calls == [] and all(p.resumed for p in again.points)
-    fresh = S.search(tables, 0.5, tmp_path / "fresh", **kw)
+    monkeypatch.setattr(milp, "solve", real)
+    fresh = S.search(tables, 0.5, tmp_path / "fresh", **kw, jobs=2)        # worker processes: same points
     np.testing.assert_allclose([p.losses for p in fresh.points], [p.losses for p in res.points], rtol=1e-9)
     assert [p.status for p in fresh.points] == [p.status for p in res.points]
 
