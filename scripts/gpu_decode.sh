@@ -3,15 +3,7 @@
 # `moa bench decode` (Llama-7B shape, random weights, 16k prompt, 50% KV density).
 # Usage (repository root, on the device machine): bash scripts/gpu_decode.sh [BENCH_EXTRA...]
 # Logs go to $OUT (or ./gpu_out).
-set -o pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-pip install --no-build-isolation --no-deps -e . >"$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
-# the kernels/ folder is importable only through the install's package-dir mapping
-python3 -c 'import moa_search.kernels.decode' 2>&1 | tail -1 | sed 's/^/import check: /' 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "cuda", torch.version.cuda)'
-} 2>&1 | tee "$OUT/env.txt"
+source scripts/gpu_setup.sh
 t0=$(date +%s)
 timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -x -m gpu tests/test_decode_kernel.py tests/test_cache.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "tests: $(( $(date +%s) - t0 )) s"

@@ -12,15 +12,10 @@
 #     bash scripts/gpu_demo_full.sh            # ~3-5 min on one H100
 #     EVAL_PER_LENGTH=16 LENGTHS=2048,4096,8192 bash scripts/gpu_demo_full.sh
 set -euo pipefail
-OUT=${OUT:-moa_out}
+source scripts/gpu_setup.sh
 WORK=${WORK:-/tmp/moa_demo_gpu}
 EVAL_PER_LENGTH=${EVAL_PER_LENGTH:-16}
 LENGTHS=${LENGTHS:-1024,2048,4096}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/pip.log" 2>&1 || tail -5 "$OUT/pip.log"
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
-set -o pipefail
 python3 -m moa_search.cli demo -o "$WORK" --lengths "$LENGTHS" --eval-per-length "$EVAL_PER_LENGTH" 2>&1 \
     | grep -v -E "it/s\]|s/it\]" | tee "$OUT/demo_gpu.log"
 cp "$WORK/summary.md" "$WORK/eval/results.csv" "$WORK/search/plan.json" "$WORK/eval/accuracy_vs_length.png" \
