@@ -24,6 +24,26 @@ from moa_search.profiler.reference import EPS  # same guard as the reference
 
 
 @triton.jit
+def _tile(q, do, k_base, v_base, s_kn, s_vn, bk, offs_m, m_ok, offs_d, d_ok, lse2, qk_scale, N,
+          BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """One BLOCK x BLOCK tile of key block bk: (A, dP = dO V^T, causal-and-in-range mask)."""
+    offs_n = bk * BLOCK + tl.arange(0, BLOCK)
+    n_ok = offs_n < N
+    nd = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=nd, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=nd, other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+        dp = tl.dot(do, tl.trans(v))
+    valid = (offs_m[:, None] >= offs_n[None, :]) & m_ok[:, None] & n_ok[None, :]
+    p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    return p, dp, valid
+
+
+@triton.jit
 def _influence_kernel(
     Q, K, V, DO, LSE, OUT,
     s_qb, s_qh, s_qn,
@@ -55,34 +75,12 @@ def _influence_kernel(
     out_row = OUT + b * s_ib + h * s_ih + bq * s_iq
     delta = tl.zeros([BLOCK], dtype=tl.float32)
     for bk in range(0, bq + 1):                                                       # pass 1: D_i
-        offs_n = bk * BLOCK + tl.arange(0, BLOCK)
-        n_ok = offs_n < N
-        nd = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=nd, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=nd, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
-        valid = (offs_m[:, None] >= offs_n[None, :]) & m_ok[:, None] & n_ok[None, :]
-        p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        p, dp, valid = _tile(q, do, k_base, v_base, s_kn, s_vn, bk, offs_m, m_ok, offs_d, d_ok, lse2, qk_scale, N,
+                             BLOCK, IEEE)
         delta += tl.sum(p * dp, axis=1)
     for bk in range(0, bq + 1):                                                       # pass 2: tile sums
-        offs_n = bk * BLOCK + tl.arange(0, BLOCK)
-        n_ok = offs_n < N
-        nd = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=nd, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=nd, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
-        valid = (offs_m[:, None] >= offs_n[None, :]) & m_ok[:, None] & n_ok[None, :]
-        p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        p, dp, valid = _tile(q, do, k_base, v_base, s_kn, s_vn, bk, offs_m, m_ok, offs_d, d_ok, lse2, qk_scale, N,
+                             BLOCK, IEEE)
         ds = p * (dp - delta[:, None])
         e = tl.where(valid, tl.abs(ds) / tl.maximum(1.0 - p, eps), 0.0)
         tl.store(out_row + bk, tl.sum(tl.sum(e, axis=1), axis=0))
