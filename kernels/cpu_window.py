@@ -6,7 +6,7 @@ plan on a CPU costs ~20x a dense SDPA forward. Here each head and each chunk of 
 rows gathers only its sink keys and the keys its window can reach, then scores that slice
 with the exact token mask: the same kept set as moa_search.rules.kept, work proportional
 to the plan's density. Same contract as every kernel (kernels/__init__.py).
-Used by `moa eval` on the CPU (backend "cpu_window"); tested against the reference.
+The attention backend on the CPU (moa_search.attention, "cpu_window"); tested against the reference.
 """
 from __future__ import annotations
 
@@ -60,11 +60,4 @@ def window_attention_cpu(q, k, v, sink: int, span, start=None, end=None, scale=N
     return out
 
 
-def register() -> None:
-    """Register as the attention backend "cpu_window" (idempotent)."""
-    from moa_search.attention import register_backend
-
-    register_backend("cpu_window", window_attention_cpu)
-
-
-__all__ = ["window_attention_cpu", "register"]
+__all__ = ["window_attention_cpu"]

@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from .attention import BACKENDS
 from .attention import ATTN_NAME, LayerRule, register
 from .plan import ModelShape, Plan, check_plan_fits, load_plan
 
@@ -26,8 +27,8 @@ def attention_modules(model) -> list:
 def apply_plan(model, plan: Plan | str, backend: str = "auto"):
     """Attach `plan`'s rules to `model` and route attention through moa-search. Returns the model.
 
-    plan: a Plan or a path to a plan file. backend: "auto" (Triton kernels on CUDA when
-    available, the PyTorch reference otherwise) or "reference".
+    plan: a Plan or a path to a plan file. backend: "auto" (the Triton kernels on CUDA, the
+    windowed PyTorch path on the CPU), "cpu_window", or "reference" (the exact masked oracle).
     Raises PlanError if the plan's shape differs from the model's, naming the fields.
     """
     if not isinstance(plan, Plan):
@@ -37,6 +38,8 @@ def apply_plan(model, plan: Plan | str, backend: str = "auto"):
     if plan.model.fingerprint and shape.fingerprint and plan.model.fingerprint != shape.fingerprint:
         warnings.warn(f"plan was profiled on a model with config fingerprint {plan.model.fingerprint}, this model has "
                       f"{shape.fingerprint}: same attention shape, other config (fine-tune or variant?)", stacklevel=2)
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     mods = attention_modules(model)
     if len(mods) != shape.num_layers:
         raise RuntimeError(f"found {len(mods)} attention modules with layer_idx, expected {shape.num_layers}")

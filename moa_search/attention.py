@@ -28,7 +28,7 @@ class LayerRule:
     alpha: torch.Tensor
     beta: torch.Tensor
     min_span: int = 1
-    backend: str = "auto"  # "auto" (Triton on CUDA when available), "reference"
+    backend: str = "auto"  # "auto" (Triton on CUDA, cpu_window on CPU), "reference", "cpu_window"
 
     def spans(self, n: torch.Tensor) -> torch.Tensor:
         """n: int64 [B] real lengths -> int64 [B, Hq] windows."""
@@ -60,20 +60,20 @@ def padding_bounds(attention_mask: torch.Tensor | None, batch: int, nk: int, dev
 
 
 Backend = Callable[..., torch.Tensor]
-_BACKENDS: dict[str, Backend] = {}
+BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, fn: Backend) -> None:
     """Kernels register themselves here (e.g. "triton"); "reference" is always present."""
-    _BACKENDS[name] = fn
+    BACKENDS[name] = fn
 
 
 def pick_backend(rule: LayerRule, query: torch.Tensor) -> str:
     if rule.backend != "auto":
         return rule.backend
-    if query.is_cuda and "triton" in _BACKENDS:
-        return "triton"
-    return "reference"
+    # CUDA: the block-sparse Triton kernel. CPU: the windowed path, which touches only the
+    # kept keys (the reference scores all N^2 pairs; it stays the oracle the tests compare to).
+    return "triton" if query.is_cuda else "cpu_window"
 
 
 def moa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -98,7 +98,7 @@ def moa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         return cache.attend(module.layer_idx, query, start, end, scale).transpose(1, 2).contiguous(), None
     span = rule.spans(end - start)
     name = pick_backend(rule, query)
-    fn = _BACKENDS[name]
+    fn = BACKENDS[name]
     capture = getattr(module, "moa_capture", None)
     if capture is not None:  # the profiler wraps the backend to see Q, K, V, O and dO
         out = capture(fn, query, key, value, rule.sink, span, start, end, scale)
@@ -124,6 +124,15 @@ def _triton_backend(q, k, v, sink, span, start, end, scale):
 
 
 register_backend("triton", _triton_backend)
+
+
+def _cpu_window_backend(q, k, v, sink, span, start, end, scale):
+    from moa_search.kernels.cpu_window import window_attention_cpu
+
+    return window_attention_cpu(q, k, v, sink, span, start, end, scale)
+
+
+register_backend("cpu_window", _cpu_window_backend)
 
 
 def register() -> None:

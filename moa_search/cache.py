@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import rules as R
-from .attention import LayerRule, _BACKENDS, pick_backend
+from .attention import LayerRule, BACKENDS, pick_backend
 
 
 class MoaCacheError(RuntimeError):
@@ -197,7 +197,7 @@ class MoaLayer(CacheLayerMixin):
         B, Hq, Nq, D = query.shape
         if self.seen == Nq:                                                    # prefill on an empty cache
             span = rule.spans(end - start)
-            out = _BACKENDS[pick_backend(rule, query)](query, k, v, rule.sink, span, start, end, scale)
+            out = BACKENDS[pick_backend(rule, query)](query, k, v, rule.sink, span, start, end, scale)
             self._write_chunk(k, v, start, end)
             return out
         if Nq == 1:                                                            # decode

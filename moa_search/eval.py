@@ -299,12 +299,6 @@ def run_configs(model, tok, configs: list[Config], items: list[dict], metrics=ME
     from moa_search.plan import ModelShape
 
     shape = ModelShape.from_config(model.config)
-    if backend == "auto" and next(model.parameters()).device.type == "cpu":
-        # the reference scores all N^2 pairs; this path touches only the kept keys (same result)
-        from moa_search.kernels.cpu_window import register
-
-        register()
-        backend = "cpu_window"
     lengths = sorted({int(it["length"]) for it in items})
     rows = []
     for cfg in configs:

@@ -37,7 +37,8 @@ def test_full_span_plan_reproduces_dense_logits(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("granularity", ["query_head", "kv_head"])
-def test_sparse_plan_equals_brute_force_masked_attention(family, granularity):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_sparse_plan_equals_brute_force_masked_attention(family, granularity, backend):
     model = tiny_model(family, attn="eager")
     plan = random_plan(model, granularity, seed=hash((family, granularity)) % 100)
     pads = [0, 6]
@@ -45,7 +46,7 @@ def test_sparse_plan_equals_brute_force_masked_attention(family, granularity):
     total = ids.shape[1]
     masks = [brute_mask(plan, layer, pads, total, lambda b, r: total - pads[b]) for layer in range(2)]
     ref = eager_with_masks(model, ids, am, masks)
-    sparse_model = moa_search.apply_plan(copy.deepcopy(model), plan)
+    sparse_model = moa_search.apply_plan(copy.deepcopy(model), plan, backend=backend)
     with torch.no_grad():
         got = sparse_model(input_ids=ids, attention_mask=am).logits
     real = am.bool()
@@ -139,3 +140,9 @@ def test_holes_in_the_padding_mask_are_refused():
     am = torch.tensor([[1, 1, 0, 1, 1, 1]])
     with pytest.raises(ValueError, match="contiguous"):
         model(input_ids=torch.ones(1, 6, dtype=torch.long), attention_mask=am)
+
+
+def test_unknown_backend_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        moa_search.apply_plan(model, random_plan(model), backend="fast")
