@@ -146,11 +146,13 @@ def test_bad_input_is_refused_with_a_clear_error():
         prefill.sparse_attention_prefill(q, k, v, 1, torch.ones(2, dtype=torch.long))
 
 
-def test_cpu_queries_use_the_reference_backend():
+def test_backend_dispatch_by_device_and_choice():
     from moa_search import attention
 
     rule = attention.LayerRule(sink=4, alpha=torch.zeros(2, dtype=torch.float64), beta=torch.ones(2, dtype=torch.float64))
-    assert "triton" in attention.BACKENDS
+    assert {"triton", "cpu_window", "reference"} <= set(attention.BACKENDS)
+    assert attention.pick_backend(rule, torch.zeros(1, 2, 3, 16)) == "cpu_window"   # CPU never needs triton
+    rule.backend = "reference"
     assert attention.pick_backend(rule, torch.zeros(1, 2, 3, 16)) == "reference"
 
 
