@@ -165,6 +165,20 @@ def response_losses(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     return (ce * m).sum(-1) / m.sum(-1).clamp_min(1)
 
 
+def response_loss(model, targets: torch.Tensor, response_start: int, reduction: str = "mean", **inputs):
+    """Cross-entropy of ONE sequence's response tokens, computing only the logits that predict them.
+
+    inputs: the model's inputs for the whole sequence (input_ids [1, n] or inputs_embeds [1, n, H],
+    plus any model kwargs); targets: int64 [re - rs] = input_ids[rs:re]. Positions rs-1 .. re-2
+    predict tokens rs .. re-1. Logits in float32 (float64 if the model computes in float64).
+    Used by the profiler (with gradients) and the search's validation scorer.
+    """
+    x = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    logits = model(**inputs, logits_to_keep=x.shape[1] - response_start + 1).logits[0, : len(targets)]
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
 def forced_correct(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """bool [B]: the argmax equals the target at every masked position (greedy reproduces it)."""
     ok = (logits.argmax(-1) == targets) | ~mask

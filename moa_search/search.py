@@ -615,9 +615,9 @@ def validation_scorer(model, dataset, backend: str = "auto", progress: bool = Fa
     left without a plan afterwards.
     """
     import torch
-    import torch.nn.functional as F
 
     from .apply import apply_plan, remove_plan
+    from .eval import response_loss
 
     for col in ("input_ids", "response_start", "response_end"):
         if col not in dataset.column_names:
@@ -640,9 +640,7 @@ def validation_scorer(model, dataset, backend: str = "auto", progress: bool = Fa
             with torch.no_grad():
                 for ids, rs, re in tqdm(items, desc="validation", disable=not progress, leave=False):
                     x = torch.tensor([ids], device=device)
-                    keep = len(ids) - rs + 1            # logits of positions rs-1 .. end (predict rs .. )
-                    logits = model(input_ids=x, logits_to_keep=keep).logits[0, : re - rs].float()
-                    total += float(F.cross_entropy(logits, x[0, rs:re], reduction="sum"))
+                    total += float(response_loss(model, x[0, rs:re], rs, reduction="sum", input_ids=x))
                     count += re - rs
         finally:
             remove_plan(model)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moa_search.eval import response_loss
 from moa_search.plan import ModelShape
 from moa_search.profiler.capture import SampleInfluence, dense_profiling, resolve_backend
 from moa_search.profiler.io import Profile, ProfileError, load_profile, profile_path, save_profile
@@ -132,12 +133,7 @@ def sample_influence(model, input_ids, response_start: int, response_end: int, s
     ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=dev)[None]
     state.clear()
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    keep = n - rs + 1                                    # logits of positions rs-1 .. n-1
-    out = model(inputs_embeds=emb, use_cache=False, logits_to_keep=keep)
-    logits = out.logits[0, : re - rs]                    # positions rs-1 .. re-2 predict tokens rs .. re-1
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    loss = torch.nn.functional.cross_entropy(logits, ids[0, rs:re])
-    del out, logits
+    loss = response_loss(model, ids[0, rs:re], rs, inputs_embeds=emb, use_cache=False)
     loss.backward()
     loss_value = float(loss.detach())
     expected = model.config.get_text_config().num_hidden_layers
@@ -353,13 +349,9 @@ def model_max_length(config) -> int | None:
 
 
 def calibration_hash_of(ds) -> str:
-    try:
-        from moa_search.calibrate import calibration_hash
-    except ImportError:  # pragma: no cover - calibrate.py ships with the package
-        calibration_hash = None
-    if calibration_hash is not None and "id" in ds.column_names:
-        return calibration_hash(ds)
-    return str(getattr(ds, "_fingerprint", ""))
+    from moa_search.calibrate import calibration_hash
+
+    return calibration_hash(ds) if "id" in ds.column_names else str(getattr(ds, "_fingerprint", ""))
 
 
 def profile_model(model, ds, settings: ProfileSettings, out_dir, calib_hash: str | None = None) -> dict[int, Path]:
