@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from moa_search.rules import kept
+
 
 def window_attention_cpu(q, k, v, sink: int, span, start=None, end=None, scale=None, chunk: int = 256):
     """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], span int64 [B, Hq] -> out [B, Hq, Nq, D] (q's dtype).
@@ -46,10 +48,7 @@ def window_attention_cpu(q, k, v, sink: int, span, start=None, end=None, scale=N
                 # sink keys [0, ns) lie left of every row's window and are kept by all rows;
                 # keys [lo, hi) are kept where 0 <= row - key < w or key < sink (rules.kept)
                 keys = torch.arange(lo, hi, dtype=torch.long)
-                d = r[:, None] - keys[None, :]
-                band = (d >= 0) & (d < w)
-                if lo < sink:                                  # sink keys inside the slice
-                    band |= (d >= 0) & (keys < sink)[None, :]
+                band = kept(r[:, None], keys[None, :], sink, w)
                 qc = q[b, h, c0 - first_row:c1 - first_row].float()
                 kk = torch.cat([kb[:ns], kb[lo:hi]])
                 vv = torch.cat([vb[:ns], vb[lo:hi]])
