@@ -46,7 +46,7 @@ def slot_positions(n: torch.Tensor, s0: int, cap: torch.Tensor) -> tuple[torch.T
     dev = n.device
     cap = cap.to(dev)
     slots = s0 + cap
-    head = torch.repeat_interleave(torch.arange(len(cap), device=dev), slots)     # [T]
+    head = head_of_slot(s0, cap)                                                   # [T]
     off = torch.cumsum(slots, 0) - slots
     i = torch.arange(int(slots.sum()), device=dev) - off[head]                      # slot index in its head
     c = cap[head].clamp_min(1)
