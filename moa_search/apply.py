@@ -46,8 +46,10 @@ def apply_plan(model, plan: Plan | str, backend: str = "auto"):
     register()
     alpha, beta = plan.query_rules()
     for layer, mod in enumerate(mods):
-        mod.moa_rule = LayerRule(sink=plan.sink, alpha=torch.as_tensor(alpha[layer]),
-                                 beta=torch.as_tensor(beta[layer]), min_span=plan.min_span, backend=backend)
+        # on the layer's own device, so that attention does not copy the rules there at every step
+        dev = next(mod.parameters()).device
+        mod.moa_rule = LayerRule(sink=plan.sink, alpha=torch.as_tensor(alpha[layer], device=dev),
+                                 beta=torch.as_tensor(beta[layer], device=dev), min_span=plan.min_span, backend=backend)
     if getattr(model, "moa_plan", None) is None:
         model._moa_previous_attn = model.config._attn_implementation
     model.moa_plan = plan
