@@ -81,7 +81,7 @@ class MoaLayer(CacheLayerMixin):
         self.keys = torch.zeros(B, total, D, dtype=key_states.dtype, device=dev)
         self.values = torch.zeros(B, total, D, dtype=value_states.dtype, device=dev)
         self.n = torch.zeros(B, dtype=torch.int64, device=dev)
-        # the rule's tensors on the device once, not per step (LayerRule keeps them on the CPU)
+        # apply_plan puts the rules on the layer's device; .to() only matters if the model moved since
         self.alpha, self.beta = self.rule.alpha.to(dev)[None, :], self.rule.beta.to(dev)[None, :]
         self.device = dev
         self.is_initialized = True
