@@ -118,16 +118,13 @@ def eval_items(tok, lengths: list[int], per_length: int | None, data: str | None
     has), at most per_length per task, spread over depths.
     """
     if data is None:
+        from moa_search.calibrate import text_counter
         from moa_search.calibration_data import tasks as T
         from moa_search.calibration_data.defaults import RECIPES
 
         recipe = RECIPES["eval"]
-
-        def count(s):
-            return len(tok(s, add_special_tokens=False)["input_ids"])
-
         return T.build_items(tasks or recipe["tasks"], lengths, per_length or recipe["groups"][0]["per_length"],
-                             recipe["seed"] if seed is None else seed, count)
+                             recipe["seed"] if seed is None else seed, text_counter(tok))
     pool = read_items(data)
     if tasks:
         pool = [it for it in pool if it["task"] in tasks]
