@@ -27,7 +27,6 @@ from __future__ import annotations
 import gc
 import inspect
 import json
-import math
 import statistics
 import sys
 import time

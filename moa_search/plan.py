@@ -28,7 +28,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -288,20 +288,34 @@ def _validate(d: Any, source: str) -> None:
 # ----------------------------------------------------------------------------- I/O
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same folder + rename: readers never see half a file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write `path` by calling write(tmp) on a temp file in the same folder, then renaming it:
+    readers never see half a file and a crash leaves the old one. The file gets the mode a
+    plain open() would give (mkstemp alone makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
@@ -396,5 +410,5 @@ def plan_from_moa(obj: Any, shape: ModelShape, source: str = "MoA plan") -> Plan
 
 __all__ = [
     "FORMAT", "VERSION", "PlanError", "ModelShape", "Plan", "load_plan", "save_plan", "check_plan_fits",
-    "uniform_plan", "plan_from_moa", "atomic_write_text", "config_fingerprint", "provenance",
+    "uniform_plan", "plan_from_moa", "atomic_write", "atomic_write_text", "config_fingerprint", "provenance",
 ]

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from moa_search.plan import ModelShape, PlanError
+from moa_search.plan import ModelShape, PlanError, atomic_write
 
 FORMAT = "moa-search-profile"
 VERSION = 1
@@ -52,26 +51,14 @@ def save_profile(profile: Profile, path: str | os.PathLike) -> Path:
     """Atomic: written to a temp file in the same folder, then renamed."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT, "version": str(VERSION), "length": str(profile.length),
         "block_size": str(profile.block_size), "samples": str(profile.samples),
         "model": json.dumps(asdict(profile.model)), "calibration_hash": profile.calibration_hash,
         "extra": json.dumps(profile.extra),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)      # mkstemp makes 0600; a profile is meant to be shared
-        save_file({"influence": profile.influence.detach().to(torch.float64).contiguous().cpu()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    tensors = {"influence": profile.influence.detach().to(torch.float64).contiguous().cpu()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_profile(path: str | os.PathLike, expect_model: ModelShape | None = None) -> Profile:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 
 from moa_search.eval import response_loss
-from moa_search.plan import ModelShape
+from moa_search.plan import ModelShape, atomic_write
 from moa_search.profiler.capture import SampleInfluence, dense_profiling, resolve_backend
 from moa_search.profiler.io import Profile, ProfileError, load_profile, profile_path, save_profile
 
@@ -166,24 +164,8 @@ def checkpoint_path(out_dir, length: int) -> Path:
 def _save_checkpoint(path: Path, total: torch.Tensor, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _umask_mode(tmp)
-        save_file({"sum": total.contiguous()}, tmp,
-                  metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask_mode(path) -> None:
-    """mkstemp creates 0600 files; give the final file the mode a plain open() would (0666 - umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    atomic_write(path, lambda tmp: save_file({"sum": total.contiguous()}, tmp,
+                                             metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(meta)}))
 
 
 def _load_checkpoint(path: Path):

@@ -2,7 +2,6 @@
 import json
 import math
 
-import pytest
 
 from moa_search import demo
 

@@ -2,7 +2,6 @@
 solvers, budgets at every length, the group-max model, infeasibility messages, resume, CLI."""
 import csv
 import itertools
-import json
 
 import numpy as np
 import pytest
