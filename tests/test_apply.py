@@ -40,7 +40,8 @@ def test_full_span_plan_reproduces_dense_logits(family):
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_sparse_plan_equals_brute_force_masked_attention(family, granularity, backend):
     model = tiny_model(family, attn="eager")
-    plan = random_plan(model, granularity, seed=hash((family, granularity)) % 100)
+    # a fixed seed per case (str hashes change between runs), windows well under the 23 tokens
+    plan = random_plan(model, granularity, seed=2 * FAMILIES.index(family) + (granularity == "kv_head"), max_alpha=12)
     pads = [0, 6]
     ids, am = batch(pads=pads)
     total = ids.shape[1]
