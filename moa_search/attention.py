@@ -10,6 +10,7 @@ flash-attention path does), so the function knows where each sequence's real tok
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,7 +65,7 @@ BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, fn: Backend) -> None:
-    """Kernels register themselves here (e.g. "triton"); "reference" is always present."""
+    """Attention backends by name: "reference" (the oracle), "cpu_window", "triton", or your own."""
     BACKENDS[name] = fn
 
 
@@ -107,32 +108,17 @@ def moa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def _reference_backend(q, k, v, sink, span, start, end, scale):
-    from moa_search.kernels.reference import sparse_attention_reference
+def _imported_on_first_call(module: str, name: str) -> Backend:
+    # pick_backend sends only CUDA queries to triton, so CPU paths never import it
+    def backend(q, k, v, sink, span, start, end, scale):
+        return getattr(importlib.import_module(module), name)(q, k, v, sink, span, start, end, scale)
 
-    return sparse_attention_reference(q, k, v, sink, span, start, end, scale)
-
-
-register_backend("reference", _reference_backend)
-
-
-def _triton_backend(q, k, v, sink, span, start, end, scale):
-    # imported on first use: pick_backend sends only CUDA queries here, so CPU paths never need triton
-    from moa_search.kernels.prefill import prefill_backend
-
-    return prefill_backend(q, k, v, sink, span, start, end, scale)
+    return backend
 
 
-register_backend("triton", _triton_backend)
-
-
-def _cpu_window_backend(q, k, v, sink, span, start, end, scale):
-    from moa_search.kernels.cpu_window import window_attention_cpu
-
-    return window_attention_cpu(q, k, v, sink, span, start, end, scale)
-
-
-register_backend("cpu_window", _cpu_window_backend)
+register_backend("reference", _imported_on_first_call("moa_search.kernels.reference", "sparse_attention_reference"))
+register_backend("cpu_window", _imported_on_first_call("moa_search.kernels.cpu_window", "window_attention_cpu"))
+register_backend("triton", _imported_on_first_call("moa_search.kernels.prefill", "prefill_backend"))
 
 
 def register() -> None:
