@@ -33,19 +33,11 @@ import time
 
 import torch
 
-SHAPES = {
-    # name: LlamaConfig fields
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256),
-}
+from .bench import MODEL_SHAPES
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model-shape", default="llama-7b", choices=list(SHAPES),
+    p.add_argument("--model-shape", default="llama-7b", choices=list(MODEL_SHAPES),
                    help="architecture shape (random weights); default llama-7b (32 layers, 32 heads, MHA)")
     p.add_argument("--layers", type=int, default=None, help="use fewer decoder layers than the shape has (say so when reporting)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -67,7 +59,7 @@ def add_arguments(p) -> None:
 def build_model(shape: str, layers: int | None, max_len: int, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fields = dict(SHAPES[shape])
+    fields = dict(MODEL_SHAPES[shape])
     if layers:
         fields["num_hidden_layers"] = layers
     cfg = LlamaConfig(max_position_embeddings=max(max_len, 4096), attn_implementation="sdpa", **fields)

@@ -26,23 +26,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from . import rules as R
+from .bench import MODEL_SHAPES
 from .plan import ModelShape, atomic_write_text, load_plan
-
-# name: (layers, query heads, KV heads, head_dim)
-MODEL_SHAPES = {
-    "llama-7b": (32, 32, 32, 128),
-    "llama-13b": (40, 40, 40, 128),
-    "llama3-8b": (32, 32, 8, 128),
-    "mistral-7b": (32, 32, 8, 128),
-    "qwen2-7b": (28, 28, 4, 128),
-    "llama3-70b": (80, 64, 8, 128),
-}
 
 
 def add_arguments(p) -> None:
@@ -76,9 +67,8 @@ def add_arguments(p) -> None:
 
 def resolve_shape(name: str) -> ModelShape:
     if name in MODEL_SHAPES:
-        layers, hq, hkv, d = MODEL_SHAPES[name]
-        return ModelShape(architecture=name, model_type="preset", num_layers=layers, num_query_heads=hq,
-                          num_kv_heads=hkv, head_dim=d)
+        shape = ModelShape.from_config(dict(MODEL_SHAPES[name], model_type="preset"))
+        return replace(shape, architecture=name)
     try:
         return ModelShape.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - turn any failure into one clear message
