@@ -151,6 +151,15 @@ def _filler_lines(rng: random.Random) -> Iterator[str]:
         yield " ".join(rng.choice(FILLER) for _ in range(rng.randint(2, 4))) + "\n"
 
 
+def _fresh(make, used: set) -> str:
+    """make() until it gives something not in `used`; record and return it."""
+    while True:
+        x = make()
+        if x not in used:
+            used.add(x)
+            return x
+
+
 def _number(rng: random.Random) -> str:
     return str(rng.randint(10000, 99999))
 
@@ -162,24 +171,17 @@ def kv_retrieval(rng: random.Random, n_tokens: int, count_tokens: CountTokens, d
     count = _Counter(count_tokens)
     used_keys, used_values = set(), set()
 
-    def fresh(make, used):
-        while True:
-            x = make()
-            if x not in used:
-                used.add(x)
-                return x
-
     def line(key, value):
         return f"line {key}: REGISTER_CONTENT is {value}\n"
 
     def key():
         return f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
 
-    target_key, target_value = fresh(key, used_keys), fresh(lambda: _number(rng), used_values)
+    target_key, target_value = _fresh(key, used_keys), _fresh(lambda: _number(rng), used_values)
 
     def fillers():
         while True:
-            yield line(fresh(key, used_keys), fresh(lambda: _number(rng), used_values))
+            yield line(_fresh(key, used_keys), _fresh(lambda: _number(rng), used_values))
 
     head = ["Below is a record of lines. Each line starts with 'line' and a name, and ends with the "
             "REGISTER_CONTENT of that line, a number. Remember the number of every line: at the end "
@@ -213,22 +215,13 @@ def var_tracking(rng: random.Random, n_tokens: int, count_tokens: CountTokens, d
     chains with other values anywhere. Answer: the chain's names in order, space-separated."""
     count = _Counter(count_tokens)
     names: set[str] = set()
-
-    def fresh_name():
-        while True:
-            x = _var_name(rng)
-            if x not in names:
-                names.add(x)
-                return x
-
     values: set[str] = set()
 
+    def fresh_name():
+        return _fresh(lambda: _var_name(rng), names)
+
     def fresh_value():
-        while True:
-            x = _number(rng)
-            if x not in values:
-                values.add(x)
-                return x
+        return _fresh(lambda: _number(rng), values)
 
     def chain(first_depth: float, later: list[float]) -> tuple[str, list[str], list[tuple[float, str]]]:
         value, chain_names = fresh_value(), [fresh_name() for _ in range(hops)]
