@@ -5,22 +5,27 @@ keys, per-sequence real keys start <= j < end, per-(sequence, head) span). The o
 kernels/reference.py:sparse_attention_reference; the kept set is moa_search.rules.kept.
 
 One program per (batch, query head, query block of BLOCK_M rows). It visits only the key
-blocks its head keeps, in two phases:
+blocks its head keeps:
 
-    sink phase     key blocks that hold sink tokens and lie left of the window's first block
-    window phase   from the block holding (first row - span + 1) to the diagonal, split into
-                   leading edge (masked) | interior (no mask at all) | diagonal/padding (masked)
+    sink blocks      hold sink tokens and lie left of the window's first block
+    window blocks    from the block holding (first row - span + 1) to the diagonal:
+                     leading edge (masked) | interior (no mask at all) | diagonal/padding (masked)
 
 A key block is "interior" when every (row, key) pair in it is kept for every real row of the
 query block: the block is inside [start, end), left of the first row's diagonal and right of
 the last row's window edge. Only edge blocks pay for the token mask, so a plan means exactly
-the token-level set of `rules.kept` on this backend too.
+the token-level set of `rules.kept` on this backend too. The masked blocks (sink, leading
+edge, diagonal) run in one loop and the interior in a second: each loop is software-pipelined
+on its own, so fewer loops means fewer pipeline fills per program.
 
 Softmax is online (FlashAttention-2 style) in base 2, with fp32 accumulators. Inputs bf16,
 fp16 (fp32 works, through tf32 dots on the GPU); head_dim a power of 2 >= 16 runs directly,
-any other is zero-padded to one (a copy of q, k, v). Programs are
+any other is zero-padded to one (a copy of q, k, v). On Hopper and newer, K/V blocks are
+loaded through tensor descriptors (TMA bulk copies), elsewhere through pointers. Programs are
 launched longest work first (last query blocks first, and inside a query block the heads with
 the widest spans first) so that the heterogeneous spans of a plan do not leave a long tail.
+
+A layer whose every head is dense does not come here: moa_search.attention sends it to SDPA.
 """
 from __future__ import annotations
 
@@ -33,18 +38,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# How many times each path ran (the dispatch test reads it; cheap, host side only).
+# How many times the kernel ran (the dispatch tests read it; host side only).
 CALLS: Counter = Counter()
-
-# A layer whose every head keeps every causal key (span >= N, no padding) goes to SDPA's
-# fused causal path instead of this kernel (set False to force the kernel, e.g. to time it).
-# Measured on H100 (BENCHMARKS.md): kernel 477-484 TFLOP/s dense, default SDPA 582-614.
-DENSE_TO_SDPA = True
-# Below this many keys the host sync that checks "all dense" costs more than it can save.
-DENSE_CHECK_MIN_N = 1024
-# Load K/V blocks through tensor descriptors (TMA) instead of pointers. Correct on the H100
-# (tests), not yet timed there, so pointers stay the default.
-USE_TMA = False
 
 
 def _interpreted() -> bool:
@@ -55,14 +50,9 @@ def _interpreted() -> bool:
 
 
 @triton.jit
-def _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
-           KD, VD, b, kvh,
-           D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
-    """Fold key block [n, n+BLOCK_N) into the running (acc, l_i, m_i) of one query block.
-
-    q_pos: [BLOCK_M] query positions counted from the sequence start (int32).
-    MASKED: apply the exact token mask (edge blocks); interior blocks skip it.
-    """
+def _load_kv(k_base, v_base, skn, svn, n, Nk, KD, VD, b, kvh,
+             D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """K and V of key block [n, n+BLOCK_N): [BLOCK_N, D] each; rows past Nk read as zeros."""
     cols = n + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     if USE_TMA:  # bulk tensor copies; rows past Nk come back as zeros
@@ -75,23 +65,48 @@ def _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos
     else:
         k = tl.load(k_base + cols[:, None] * skn + d[None, :])
         v = tl.load(v_base + cols[:, None] * svn + d[None, :])
-    qk = tl.dot(q, tl.trans(k))  # raw scores; scaled into base 2 inside the exp2's FMA below
+    return k, v
+
+
+@triton.jit
+def _scores(q, k, n, st, en, s, sink, q_pos, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Raw scores q k^T [ROWS, BLOCK_N]; on edge blocks (MASKED) dropped pairs are -inf.
+
+    The scale is applied later, inside the exp2's FMA. q_pos: [ROWS] query positions counted
+    from the sequence start (int32).
+    """
+    qk = tl.dot(q, tl.trans(k))
     if MASKED:
-        k_pos = cols - st
-        keep = (k_pos[None, :] >= 0) & (cols[None, :] < en) & (k_pos[None, :] <= q_pos[:, None])
+        k_pos = n + tl.arange(0, BLOCK_N) - st
+        keep = (k_pos[None, :] >= 0) & (k_pos[None, :] < en - st) & (k_pos[None, :] <= q_pos[:, None])
         keep = keep & ((k_pos[None, :] < sink) | (k_pos[None, :] > q_pos[:, None] - s))
         qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    return qk
+
+
+@triton.jit
+def _fold(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr):
+    """Online-softmax step: fold scores qk [ROWS, BLOCK_N] and values v into (acc, l_i, m_i)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MASKED:
         # a row with nothing kept so far keeps m = -inf; shift by 0 then so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
     p = tl.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
+
+
+@triton.jit
+def _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, st, en, s, sink, Nk, qk_scale, KD, VD, b, kvh,
+           D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Fold key block [n, n+BLOCK_N) into the running (acc, l_i, m_i) of one query block."""
+    k, v = _load_kv(k_base, v_base, skn, svn, n, Nk, KD, VD, b, kvh, D, BLOCK_N, MASKED, USE_TMA)
+    qk = _scores(q, k, n, st, en, s, sink, q_pos, BLOCK_N, MASKED)
+    return _fold(acc, l_i, m_i, qk, v, qk_scale, MASKED)
 
 
 @triton.jit
@@ -116,8 +131,7 @@ def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
 
     off = Nk - Nq  # absolute index of query row 0
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_abs = off + rows
-    q_pos = q_abs - st
+    q_pos = off + rows - st
     d = tl.arange(0, D)
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
@@ -144,21 +158,23 @@ def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for n in range(sink_lo, sink_hi, BLOCK_N):
-        acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
-                               KD, VD, b, kvh, D, BLOCK_N, True, USE_TMA)
-    for n in range(a, i_lo, BLOCK_N):
-        acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
+    # Two software-pipelined loops: every masked block (sink | window edge | diagonal, in that
+    # order of t), then the interior. Online softmax does not care about the visiting order,
+    # and each extra loop would cost a pipeline fill and drain per program.
+    c_sink = tl.cdiv(sink_hi - sink_lo, BLOCK_N)
+    c_edge = c_sink + tl.cdiv(i_lo - a, BLOCK_N)
+    c_all = c_edge + tl.maximum(tl.cdiv(win_hi - i_hi, BLOCK_N), 0)
+    for t in range(0, c_all):
+        n = tl.where(t < c_sink, sink_lo + t * BLOCK_N,
+                     tl.where(t < c_edge, a + (t - c_sink) * BLOCK_N, i_hi + (t - c_edge) * BLOCK_N))
+        acc, l_i, m_i = _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, st, en, s, sink, Nk, qk_scale,
                                KD, VD, b, kvh, D, BLOCK_N, True, USE_TMA)
     for n in range(i_lo, i_hi, BLOCK_N):
-        acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
+        acc, l_i, m_i = _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, st, en, s, sink, Nk, qk_scale,
                                KD, VD, b, kvh, D, BLOCK_N, False, USE_TMA)
-    for n in range(i_hi, win_hi, BLOCK_N):
-        acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, skn, svn, n, st, en, s, sink, q_pos, Nk, qk_scale,
-                               KD, VD, b, kvh, D, BLOCK_N, True, USE_TMA)
 
     # --- padding rows and rows with nothing kept: zeros and lse -inf
-    ok = (rows < Nq) & (q_pos >= 0) & (q_abs < en) & (l_i > 0)
+    ok = (rows < Nq) & (q_pos >= 0) & (off + rows < en) & (l_i > 0)
     l_safe = tl.where(ok, l_i, 1.0)
     out = tl.where(ok[:, None], acc / l_safe[:, None], 0.0)
     o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
@@ -171,11 +187,12 @@ def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
 # ----------------------------------------------------------------------------- tuning
 
 def _smem_bytes(bm: int, bn: int, d: int, stages: int, elem: int = 2) -> int:
-    return elem * d * (bm + 2 * bn * max(1, stages - 1))
+    """Q tile + `stages` buffers each of K and V (matches the compiled kernels' shared memory)."""
+    return elem * d * (bm + 2 * bn * stages)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs that cannot fit the shared memory of a Hopper SM (~227 KB) at this D."""
+    """Drop configs whose tiles cannot fit the shared memory of a Hopper SM (227 KB) at this D."""
     d = named_args["D"] if "D" in named_args else kwargs["D"]
     elem = named_args["Q"].element_size()
     kept = [c for c in configs
@@ -196,9 +213,10 @@ def _configs(shapes, hook=None):
             for bm, bn, w, st in shapes]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Kept small: every config costs a compile at first use.
-# Shapes needing > ~200 KB of shared memory at D=128 (e.g. 128x128 with 3 stages) are left out.
-_PREFILL_SHAPES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Kept small: every config costs a compile at first
+# use. From a sweep on the H100 (BENCHMARKS.md, scripts/prefill_sweep.py): 128x64 with 8 warps
+# and 3 stages wins on nearly every case; 4 warps per 128 rows or 1 CTA of 4 warps per SM lose.
+_PREFILL_SHAPES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)]
 # decode-like calls (a handful of query rows): small query blocks, wide key blocks
 _DECODE_SHAPES = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 8, 3)]
 _KEY = ["D", "N_BUCKET", "M_BUCKET"]
@@ -209,7 +227,6 @@ _TUNED = {
                                    key=_KEY, prune_configs_by=_PRUNE)(_prefill_fwd)
     for decode in (False, True) for tma in (False, True)
 }
-_prefill_tuned = _TUNED[(False, False)]
 
 
 def _bucket(n: int) -> int:
@@ -238,27 +255,29 @@ def _check(q, k, v, span, start, end):
             raise ValueError(f"{name} must be int64 [B={B}], got {tuple(t.shape)}")
 
 
-def _all_dense(span, start, end, nk: int) -> bool:
-    """True when every head keeps every causal key and nothing is padded (one host sync)."""
-    lo_span, hi_start, lo_end = torch.stack([span.min(), start.max(), end.min()]).tolist()
-    return lo_span >= nk and hi_start == 0 and lo_end == nk
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors need Hopper or newer, 16-byte aligned bases and strides."""
+    t0 = tensors[0]
+    if not t0.is_cuda or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors)
 
 
 def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, scale=None,
-                             return_lse: bool = False, dense: str = "auto",
-                             block_m: int | None = None, block_n: int | None = None,
+                             return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
                              num_warps: int = 4, num_stages: int = 2, out=None, lse_out=None,
                              sort_heads: bool = True, use_tma: bool | None = None):
     """Sink + window attention with the Triton kernel (contract: kernels/__init__.py).
 
     q [B,Hq,Nq,D] (bf16/fp16/fp32), k/v [B,Hkv,Nk,D], span int64 [B,Hq], start/end int64 [B].
     Returns out [B,Hq,Nq,D] in q's dtype, and lse [B,Hq,Nq] float32 (natural log) if
-    return_lse. dense: "auto" sends an all-dense, unpadded layer to SDPA's causal path
-    (when DENSE_TO_SDPA); "never" always runs the kernel. block_m/block_n (with
-    num_warps/num_stages) pin the block shape instead of autotuning (tests, interpreter).
+    return_lse. block_m/block_n (with num_warps/num_stages) pin the block shape instead of
+    autotuning (tests, interpreter, sweeps).
     out / lse_out: optional preallocated results (contiguous [B,Hq,Nq,D] / fp32 [B,Hq,Nq]).
     sort_heads: launch the widest heads first (False: natural head order; for benchmarks).
-    use_tma: load K/V blocks with tensor descriptors (bulk copies; Hopper+). None = USE_TMA.
+    use_tma: load K/V blocks with tensor descriptors. None: wherever the GPU and the
+    tensors' alignment allow it (Hopper+); False: pointers.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -269,18 +288,12 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     span = span.to(dev, torch.long).contiguous()
     _check(q, k, v, span, start, end)
 
-    if (dense == "auto" and DENSE_TO_SDPA and not return_lse and Nq == Nk and Nk >= DENSE_CHECK_MIN_N
-            and q.is_cuda and _all_dense(span, start, end, Nk)):
-        CALLS["sdpa"] += 1
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
-
     d_pad = max(16, triton.next_power_of_2(D))
     if d_pad != D:
         # tl.arange needs a power of 2: zero columns change no score and give zero output columns
         pad = lambda t: torch.nn.functional.pad(t, (0, d_pad - D))  # noqa: E731
         res = sparse_attention_prefill(pad(q), pad(k), pad(v), sink, span, start, end, scale, return_lse=return_lse,
-                                       dense="never", block_m=block_m, block_n=block_n, num_warps=num_warps,
+                                       block_m=block_m, block_n=block_n, num_warps=num_warps,
                                        num_stages=num_stages, lse_out=lse_out, sort_heads=sort_heads, use_tma=use_tma)
         o = (res[0] if return_lse else res)[..., :D]
         o = out.copy_(o) if out is not None else o.contiguous()
@@ -305,7 +318,10 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     else:
         order = torch.arange(B * Hq, dtype=torch.int32, device=dev)
     BH = B * Hq
-    use_tma = USE_TMA if use_tma is None else use_tma
+    if use_tma is None:
+        use_tma = not _interpreted() and _tma_ok(k, v)
+    elif use_tma and not _interpreted() and not _tma_ok(k, v):  # the interpreter emulates descriptors anywhere
+        raise ValueError("use_tma=True needs a Hopper+ GPU and 16-byte aligned K/V (bases and strides)")
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -335,4 +351,4 @@ def prefill_backend(q, k, v, sink, span, start, end, scale):
     return sparse_attention_prefill(q, k, v, sink, span, start, end, scale)
 
 
-__all__ = ["sparse_attention_prefill", "prefill_backend", "CALLS", "DENSE_TO_SDPA"]
+__all__ = ["sparse_attention_prefill", "prefill_backend", "CALLS"]

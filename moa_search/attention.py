@@ -7,10 +7,15 @@ this function turns it into per-sequence spans and runs the sparse attention bac
 
 The mask hook registered under the same name passes the 2D padding mask through (as the
 flash-attention path does), so the function knows where each sequence's real tokens start.
+
+A layer whose every head keeps every causal key at this length, with no padding, is plain
+causal attention: it goes to SDPA (cuDNN / flash), which no sparse kernel beats on dense work.
+That choice is made on the host from the plan alone, without a device sync.
 """
 from __future__ import annotations
 
 import importlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,9 +36,17 @@ class LayerRule:
     min_span: int = 1
     backend: str = "auto"  # "auto" (Triton on CUDA, cpu_window on CPU), "reference", "cpu_window"
 
+    def __post_init__(self):
+        # host copies, read once here: "is this layer dense at N?" must not sync with the GPU
+        self._host = (self.alpha.detach().cpu().numpy(), self.beta.detach().cpu().numpy())
+
     def spans(self, n: torch.Tensor) -> torch.Tensor:
         """n: int64 [B] real lengths -> int64 [B, Hq] windows."""
         return R.span(self.alpha.to(n.device)[None, :], self.beta.to(n.device)[None, :], n[:, None], self.min_span)
+
+    def dense_at(self, n: int) -> bool:
+        """True when every head's span reaches n at length n (all causal keys kept)."""
+        return bool((R.span(*self._host, n, self.min_span) >= n).all())
 
 
 def padding_bounds(attention_mask: torch.Tensor | None, batch: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +75,9 @@ def padding_bounds(attention_mask: torch.Tensor | None, batch: int, nk: int, dev
 
 Backend = Callable[..., torch.Tensor]
 BACKENDS: dict[str, Backend] = {}
+# How many calls took each path ("sdpa" for dense layers, else the backend's name). Host-side
+# counter; the dispatch tests read it.
+DISPATCH: Counter = Counter()
 
 
 def register_backend(name: str, fn: Backend) -> None:
@@ -93,19 +109,35 @@ def moa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     scale = D ** -0.5 if scaling is None else scaling
     cache_ref = getattr(module, "moa_cache", None)  # set by moa_search.cache.MoaCache.update
     cache = cache_ref() if cache_ref is not None else None
+    unpadded = attention_mask is None
     if cache is not None and cache.owns(module.layer_idx, key):
         # compressed KV cache: key/value are only this forward's tokens; the cache attends
         # over its packed sink + window buffers with the right positions
-        return cache.attend(module.layer_idx, query, start, end, scale).transpose(1, 2).contiguous(), None
+        out = cache.attend(module.layer_idx, query, start, end, scale, unpadded=unpadded)
+        return out.transpose(1, 2).contiguous(), None
+    out = attend(rule, query, key, value, start, end, scale, unpadded, getattr(module, "moa_capture", None))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attend(rule: LayerRule, query, key, value, start, end, scale, unpadded: bool, capture=None) -> torch.Tensor:
+    """One layer's attention under its rule: [B, Hq, Nq, D] -> [B, Hq, Nq, D].
+
+    A dense layer (every span reaches N) over an unpadded prompt is plain causal attention and
+    goes to SDPA; anything else to the rule's backend. capture: the profiler's wrapper, which
+    must see the sparse backend (so it never takes the SDPA path).
+    """
+    Nq, Nk = query.shape[2], key.shape[2]
+    if unpadded and Nq == Nk and rule.backend == "auto" and capture is None and rule.dense_at(Nk):
+        DISPATCH["sdpa"] += 1
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                                                enable_gqa=query.shape[1] != key.shape[1])
     span = rule.spans(end - start)
     name = pick_backend(rule, query)
+    DISPATCH[name] += 1
     fn = BACKENDS[name]
-    capture = getattr(module, "moa_capture", None)
     if capture is not None:  # the profiler wraps the backend to see Q, K, V, O and dO
-        out = capture(fn, query, key, value, rule.sink, span, start, end, scale)
-    else:
-        out = fn(query, key, value, rule.sink, span, start, end, scale)
-    return out.transpose(1, 2).contiguous(), None
+        return capture(fn, query, key, value, rule.sink, span, start, end, scale)
+    return fn(query, key, value, rule.sink, span, start, end, scale)
 
 
 def _imported_on_first_call(module: str, name: str) -> Backend:

@@ -3,8 +3,10 @@
 One attention layer of the model shape, timed in one run on the current GPU with
 triton.testing.do_bench (medians), on fresh random inputs:
 
-    kernel     moa-search's Triton kernel (kernels/prefill.py), forced on (no SDPA dispatch)
-    sdpa       dense causal SDPA, flash backend (the ideal's yardstick) and torch's default pick
+    kernel     moa-search's Triton kernel (kernels/prefill.py), even on the all-dense case
+               (which a model with a plan runs through SDPA instead: moa_search.attention)
+    sdpa       dense causal SDPA: torch's default pick (cuDNN on H100; the ideal's yardstick)
+               and the flash backend (FlashAttention-2)
     flex       FlexAttention (torch.compile'd) with the same kept set as a BlockMask
                (create_block_mask with a mask_mod built from moa_search.rules.kept)
 
@@ -14,8 +16,8 @@ the others wide elastic windows, scaled to hit the compute density) and "uniform
 the same window, StreamingLLM-like); plus "dense" (every span = N) unless --no-dense.
 
 Columns: compute density (kept pairs / causal pairs), time, effective TFLOP/s on the kept
-pairs (4 * D * kept_pairs * heads * batch / time), the ideal time (compute density x dense
-SDPA flash time) and each method's ratio to it.
+pairs (4 * D * kept_pairs * heads * batch / time), the ideal time (compute density x the
+fastest dense SDPA time, i.e. the default pick) and each method's ratio to it.
 
 Examples:
     moa bench prefill --model-shape llama3-8b --density 0.5,0.25 --lengths 8192,16384,32768
@@ -55,9 +57,11 @@ def add_arguments(p) -> None:
     p.add_argument("--variants", action="store_true",
                    help="also time the kernel with programs in natural head order instead of widest first")
     p.add_argument("--tma-variant", action="store_true",
-                   help="also time the kernel with the other K/V load path (tensor descriptors vs pointers)")
+                   help="also time the kernel with K/V loaded through pointers instead of tensor descriptors (TMA)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="time every method this many times, interleaved, and report the median (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic rules and inputs")
     p.add_argument("--json", dest="json_out", default=None, help="also write every row as JSON to this file")
 
@@ -142,6 +146,7 @@ class Row:
     tflops: float
     ideal_ms: float
     ratio_to_ideal: float
+    spread: float = 0.0  # max / min - 1 over the rounds
 
 
 class _FlexCase:
@@ -228,16 +233,17 @@ def run(args) -> int:
 
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             try:
-                t_flash = bench(sdpa)
+                t_flash = float(np.median([bench(sdpa) for _ in range(args.rounds)]))
             except RuntimeError as e:  # an older flash path without GQA: give it repeated K/V
                 print(f"# sdpa flash refused enable_gqa ({str(e)[:80]}); timing it on repeated K/V", file=sys.stderr)
                 kr, vr = (t.repeat_interleave(Hq // Hkv, 1) for t in (k, v))
                 t_flash = bench(lambda: sdpa(kr, vr))
                 del kr, vr
-        t_default = bench(sdpa)
-        rows.append(Row(n, "dense", 1.0, "sdpa-flash", t_flash, causal_flops / t_flash / 1e9, t_flash, 1.0))
-        rows.append(Row(n, "dense", 1.0, "sdpa-default", t_default, causal_flops / t_default / 1e9, t_flash,
-                        t_default / t_flash))
+        t_default = float(np.median([bench(sdpa) for _ in range(args.rounds)]))
+        t_dense = min(t_flash, t_default)  # the ideal's yardstick: the fastest dense causal attention
+        rows.append(Row(n, "dense", 1.0, "sdpa-default", t_default, causal_flops / t_default / 1e9, t_dense,
+                        t_default / t_dense))
+        rows.append(Row(n, "dense", 1.0, "sdpa-flash", t_flash, causal_flops / t_flash / 1e9, t_dense, t_flash / t_dense))
         print(f"  [{time.time() - t_start:5.0f}s] N={n} sdpa-flash {t_flash:.3f} ms ({causal_flops / t_flash / 1e9:.0f} "
               f"TFLOP/s), sdpa-default {t_default:.3f} ms", file=sys.stderr)
 
@@ -246,30 +252,37 @@ def run(args) -> int:
             dens = _mean_density(sink, sp, n)
             kept = float(np.sum(R.kept_pairs(sink, sp, n))) * B
             flops = 4 * D * kept
-            ideal = dens * t_flash
-            methods = {"kernel": lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, scale=scale, dense="never")}
+            ideal = dens * t_dense
+            methods = {"kernel": lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, scale=scale)}
             if args.variants:
                 methods["kernel-natural-order"] = lambda: prefill.sparse_attention_prefill(
-                    q, k, v, sink, span, scale=scale, dense="never", sort_heads=False)
+                    q, k, v, sink, span, scale=scale, sort_heads=False)
             if args.tma_variant:
-                methods[f"kernel-tma={not prefill.USE_TMA}"] = lambda: prefill.sparse_attention_prefill(
-                    q, k, v, sink, span, scale=scale, dense="never", use_tma=not prefill.USE_TMA)
-            if case == "dense":
-                methods["kernel-dispatch"] = lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, scale=scale)
+                methods["kernel-pointers"] = lambda: prefill.sparse_attention_prefill(
+                    q, k, v, sink, span, scale=scale, use_tma=False)
             if not args.no_flex:
                 try:
                     methods["flex"] = flex_case.runner(q, k, v, span, scale)
                 except Exception as e:  # noqa: BLE001 - report and keep timing the others
                     print(f"flex unavailable at N={n} ({case}): {type(e).__name__}: {e}", file=sys.stderr)
-            for name, fn in methods.items():
-                try:
-                    t = bench(fn)
-                except Exception as e:  # noqa: BLE001 - one failing method must not lose the others
-                    print(f"{name} failed at N={n} ({case}): {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
-                    continue
-                rows.append(Row(n, case, dens, name, t, flops / t / 1e9, ideal, t / ideal))
+            # rounds: every method once per round, in a rotated order, so that clock and cache
+            # drift during the run do not favour whichever method happens to be timed first
+            times: dict[str, list[float]] = {name: [] for name in methods}
+            for r in range(args.rounds):
+                names = list(methods)
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    if name not in times:
+                        continue
+                    try:
+                        times[name].append(bench(methods[name]))
+                    except Exception as e:  # noqa: BLE001 - one failing method must not lose the others
+                        print(f"{name} failed at N={n} ({case}): {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+                        del times[name]
+            for name, ts in times.items():
+                t = float(np.median(ts))
+                rows.append(Row(n, case, dens, name, t, flops / t / 1e9, ideal, t / ideal, max(ts) / min(ts) - 1))
                 tqdm.write(f"  [{time.time() - t_start:5.0f}s] N={n} {case:<13} {name:<21} {t:8.3f} ms  {flops / t / 1e9:6.1f} TFLOP/s  "
-                           f"x{t / ideal:.2f} ideal", file=sys.stderr)
+                           f"x{t / ideal:.2f} ideal  (rounds spread {max(ts) / min(ts) - 1:.1%})", file=sys.stderr)
             torch.cuda.empty_cache()
         for key, tuned in prefill._TUNED.items():
             if getattr(tuned, "best_config", None) is not None:
@@ -288,9 +301,9 @@ def run(args) -> int:
 def _print_table(rows: list[Row]) -> None:
     by = {(r.n, r.case, r.method): r for r in rows}
     print(f"{'N':>6} {'case':<14} {'density':>7} {'method':<21} {'ms':>8} {'TFLOP/s':>8} {'ideal ms':>8} "
-          f"{'x ideal':>7} {'flex/kernel':>11}")
+          f"{'x ideal':>7} {'flex/kernel':>11} {'spread':>7}")
     for r in rows:
         flex = by.get((r.n, r.case, "flex"))
         speedup = f"{flex.ms / r.ms:11.2f}" if (flex and r.method == "kernel") else " " * 11
         print(f"{r.n:>6} {r.case:<14} {r.density:>7.3f} {r.method:<21} {r.ms:>8.3f} {r.tflops:>8.1f} "
-              f"{r.ideal_ms:>8.3f} {r.ratio_to_ideal:>7.2f} {speedup}")
+              f"{r.ideal_ms:>8.3f} {r.ratio_to_ideal:>7.2f} {speedup} {r.spread:>7.1%}")

@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import rules as R
-from .attention import LayerRule, BACKENDS, pick_backend
+from .attention import LayerRule, attend
 
 
 class MoaCacheError(RuntimeError):
@@ -186,18 +186,18 @@ class MoaLayer(CacheLayerMixin):
         self.n = n_new
 
     # -- attention -----------------------------------------------------------------------
-    def attend(self, query, start, end, scale):
+    def attend(self, query, start, end, scale, unpadded: bool = False):
         """Consume the staged keys: attention output [B, Hq, Nq, D] for query [B, Hq, Nq, D].
 
-        start/end: int64 [B] real-token bounds inside this chunk (from the padding mask).
+        start/end: int64 [B] real-token bounds inside this chunk (from the padding mask);
+        unpadded: no padding mask at all (a dense layer's prefill may then run SDPA).
         """
         k, v = self.pending
         self.pending = None
         rule = self.rule
         B, Hq, Nq, D = query.shape
         if self.seen == Nq:                                                    # prefill on an empty cache
-            span = rule.spans(end - start)
-            out = BACKENDS[pick_backend(rule, query)](query, k, v, rule.sink, span, start, end, scale)
+            out = attend(rule, query, k, v, start, end, scale, unpadded)
             self._write_chunk(k, v, start, end)
             return out
         if Nq == 1:                                                            # decode
@@ -270,8 +270,8 @@ class MoaCache(Cache):
         pending = self.layers[layer_idx].pending
         return pending is not None and pending[0] is key
 
-    def attend(self, layer_idx, query, start, end, scale):
-        return self.layers[layer_idx].attend(query, start, end, scale)
+    def attend(self, layer_idx, query, start, end, scale, unpadded: bool = False):
+        return self.layers[layer_idx].attend(query, start, end, scale, unpadded)
 
     def reset(self):
         super().reset()

@@ -147,3 +147,52 @@ def test_unknown_backend_is_refused():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         moa_search.apply_plan(model, random_plan(model), backend="fast")
+
+
+def test_dense_layers_without_padding_go_to_sdpa():
+    """A layer whose every span reaches N, unpadded, runs SDPA (decided on the host); any
+    narrow head, padding or a pinned backend keeps it on the sparse path."""
+    from moa_search.attention import DISPATCH, LayerRule
+    from moa_search.plan import Plan
+
+    model = tiny_model("llama", layers=3, attn="eager")
+    shape = ModelShape.from_config(model.config)
+    ids, _ = batch(pads=(0, 0))
+    total = ids.shape[1]
+    # layer 1 has one fixed 5-token window on KV head 0: sparse at 23 tokens; the others are full
+    alpha = [[0.0, 0.0], [5.0, 0.0], [0.0, 0.0]]
+    beta = [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]
+    plan = Plan(model=shape, alpha=alpha, beta=beta, sink=2, granularity="kv_head")
+    masks = [brute_mask(plan, layer, [0, 0], total, lambda b, r: total) for layer in range(3)]
+    ref = eager_with_masks(model, ids, torch.ones_like(ids), masks)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    model = moa_search.apply_plan(model, plan)
+    before = DISPATCH.copy()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert DISPATCH["sdpa"] - before["sdpa"] == 2 and DISPATCH["cpu_window"] - before["cpu_window"] == 1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert (out - dense).abs().max() > 1e-3  # layer 1 really is sparse
+    # the compressed cache's prefill takes the same decision, and greedy decoding agrees
+    before = DISPATCH.copy()
+    with_cache = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                past_key_values=moa_search.make_cache(model, max_new_tokens=3))
+    assert DISPATCH["sdpa"] - before["sdpa"] == 2
+    assert with_cache.tolist() == model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0).tolist()
+
+    ids, am = batch(pads=(0, 6))
+    before = DISPATCH.copy()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am)
+    assert DISPATCH["sdpa"] == before["sdpa"] and DISPATCH["cpu_window"] - before["cpu_window"] == 3
+
+    moa_search.apply_plan(model, plan, backend="reference")
+    before = DISPATCH.copy()
+    with torch.no_grad():
+        model(input_ids=batch(pads=(0, 0))[0])
+    assert DISPATCH["sdpa"] == before["sdpa"] and DISPATCH["reference"] - before["reference"] == 3
+
+    # dense_at follows rules.span exactly: a fixed window of 100 covers N <= 100 only
+    rule = LayerRule(sink=4, alpha=torch.tensor([100.0, 0.0]), beta=torch.tensor([0.0, 1.0]))
+    assert rule.dense_at(100) and not rule.dense_at(101)
