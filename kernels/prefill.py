@@ -267,13 +267,14 @@ def _tma_ok(*tensors) -> bool:
 def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, scale=None,
                              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
                              num_warps: int = 4, num_stages: int = 2, out=None, lse_out=None,
-                             sort_heads: bool = True, use_tma: bool | None = None):
+                             sort_heads: bool = True, use_tma: bool | None = None, maxnreg: int | None = None):
     """Sink + window attention with the Triton kernel (contract: kernels/__init__.py).
 
     q [B,Hq,Nq,D] (bf16/fp16/fp32), k/v [B,Hkv,Nk,D], span int64 [B,Hq], start/end int64 [B].
     Returns out [B,Hq,Nq,D] in q's dtype, and lse [B,Hq,Nq] float32 (natural log) if
-    return_lse. block_m/block_n (with num_warps/num_stages) pin the block shape instead of
-    autotuning (tests, interpreter, sweeps).
+    return_lse. block_m/block_n (with num_warps/num_stages/maxnreg) pin the block shape instead
+    of autotuning (tests, interpreter, sweeps); maxnreg caps registers per thread, e.g. so that
+    two programs share an SM.
     out / lse_out: optional preallocated results (contiguous [B,Hq,Nq,D] / fp32 [B,Hq,Nq]).
     sort_heads: launch the widest heads first (False: natural head order; for benchmarks).
     use_tma: load K/V blocks with tensor descriptors. None: wherever the GPU and the
@@ -294,7 +295,8 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
         pad = lambda t: torch.nn.functional.pad(t, (0, d_pad - D))  # noqa: E731
         res = sparse_attention_prefill(pad(q), pad(k), pad(v), sink, span, start, end, scale, return_lse=return_lse,
                                        block_m=block_m, block_n=block_n, num_warps=num_warps,
-                                       num_stages=num_stages, lse_out=lse_out, sort_heads=sort_heads, use_tma=use_tma)
+                                       num_stages=num_stages, lse_out=lse_out, sort_heads=sort_heads, use_tma=use_tma,
+                                       maxnreg=maxnreg)
         o = (res[0] if return_lse else res)[..., :D]
         o = out.copy_(o) if out is not None else o.contiguous()
         return (o, res[1]) if return_lse else o
@@ -339,7 +341,8 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
         block_m, block_n = 32, 32
     if block_m is not None:
         _prefill_fwd[grid](*args, D=D, BLOCK_M=block_m, BLOCK_N=block_n or block_m, WRITE_LSE=return_lse,
-                           USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages)
+                           USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
+                           **({} if maxnreg is None else {"maxnreg": maxnreg}))
     else:
         _TUNED[(Nq <= 16, bool(use_tma))][grid](*args, D=D, WRITE_LSE=return_lse, USE_TMA=use_tma)
     CALLS["kernel"] += 1

@@ -26,11 +26,14 @@ from moa_search.kernels import prefill
 from moa_search.kernels.reference import sparse_attention_reference
 
 # name -> launcher kwargs
+# name -> launcher kwargs: (BLOCK_M, BLOCK_N, warps, stages, max registers per thread, TMA).
+# The register caps let two programs share an SM, so one's softmax can overlap the other's GEMMs.
 VARIANTS = {
-    f"{'tma' if tma else 'ptr'}-{bm}x{bn}w{w}s{st}": dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, use_tma=tma)
+    f"{'tma' if tma else 'ptr'}-{bm}x{bn}w{w}s{st}" + (f"r{r}" if r else ""):
+        dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, use_tma=tma, maxnreg=r)
     for tma in (True, False)
-    for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-                          (128, 64, 4, 2)]
+    for bm, bn, w, st, r in [(128, 64, 8, 3, None), (128, 64, 8, 4, None), (128, 128, 8, 2, None), (64, 64, 4, 3, None),
+                             (64, 64, 4, 2, None), (128, 32, 8, 3, 128), (128, 32, 8, 4, 128), (64, 32, 4, 3, 168)]
 }
 
 
@@ -54,6 +57,8 @@ def main() -> int:
     ap.add_argument("--top-lengths", default="32768")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its first compile takes minutes)")
     args = ap.parse_args()
     import triton
 
@@ -63,7 +68,7 @@ def main() -> int:
     shape = resolve_shape("llama3-8b")
     Hq, Hkv, D, sink = shape.num_query_heads, shape.num_kv_heads, shape.head_dim, 64
     bench = lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=args.rep, return_mode="median"))  # noqa: E731
-    flex = _FlexCase(sink, 1, Hq, torch.device("cuda"))
+    flex = None if args.no_flex else _FlexCase(sink, 1, Hq, torch.device("cuda"))
     names = [n for n in args.variants.split(",") if n]
     t0 = time.time()
 
@@ -94,11 +99,17 @@ def main() -> int:
             dens = float(np.mean(R.compute_density(sink, sp, n)))
             flops = 4 * D * float(np.sum(R.kept_pairs(sink, sp, n)))
             ideal = dens * t_def
-            t_flex = bench(flex.runner(q, k, v, span, D ** -0.5))
-            rows = [("flex", t_flex)]
+            runs = {"flex": flex.runner(q, k, v, span, D ** -0.5)} if flex else {}
             for name in variants:
-                kw = VARIANTS[name]
-                rows.append((name, bench(lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, **kw))))
+                runs[name] = (lambda kw=VARIANTS[name]: prefill.sparse_attention_prefill(q, k, v, sink, span, **kw))
+            # every method once per round, rotated, median over rounds (clocks drift during a run)
+            times = {name: [] for name in runs}
+            names = list(runs)
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    times[name].append(bench(runs[name]))
+            rows = [(name, float(np.median(ts))) for name, ts in times.items()]
+            t_flex = dict(rows).get("flex", float("nan"))
             for name, t in rows:
                 rec = dict(n=n, case=case, density=dens, method=name, ms=t, tflops=flops / t / 1e9,
                            x_ideal_default=t / ideal, flex_over=t_flex / t)
