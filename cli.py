@@ -20,6 +20,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 COMMANDS = {
     # name: (module, one-line help, issue that builds it)
@@ -191,21 +192,64 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    add_device_map_argument(p)
     p.set_defaults(run=run_generate)
 
 
-def load_model(path: str, device: str | None = None, dtype: str = "auto"):
-    """(model, tokenizer) from a checkpoint directory, in eval mode on `device`."""
+DEVICE_MAP_HELP = ("shard the model over this host's GPUs with accelerate (layers on different devices): "
+                   "auto, balanced, sequential, or a JSON file / string {module name: device}; instead of --device")
+
+
+def add_device_map_argument(p) -> None:
+    p.add_argument("--device-map", default=None, metavar="MAP", help=DEVICE_MAP_HELP)
+
+
+def parse_device_map(value):
+    """--device-map value -> what from_pretrained takes (a strategy name or {module: device})."""
+    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    text = Path(value).read_text() if Path(value).is_file() else value
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError:
+        raise SystemExit(f"--device-map {value!r}: expected auto, balanced, sequential, or JSON "
+                         '{"model.layers.0": 0, ...} (inline or in a file)') from None
+    if not isinstance(mapping, dict):
+        raise SystemExit(f"--device-map {value!r}: the JSON must be an object {{module name: device}}")
+    return mapping
+
+
+def load_model(path: str, device: str | None = None, dtype: str = "auto", device_map=None, tokenizer: bool = True):
+    """(model, tokenizer) from a checkpoint directory, in eval mode.
+
+    device: one device for the whole model (default cuda if available). device_map: a
+    strategy ("auto", ...) or {module name: device} for accelerate to place the layers
+    (one of the two). The plan's rules and the profiler follow each layer's own device.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if device_map is not None:
+        if device is not None:
+            raise SystemExit("give --device or --device-map, not both")
+        if importlib.util.find_spec("accelerate") is None:  # transformers places the layers with it
+            raise SystemExit("--device-map needs the accelerate package: pip install accelerate")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map).eval()
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if not tokenizer:
+        return model, None
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def input_device(model):
+    """Where a model's input ids go: its embedding's device (the first shard under a device_map)."""
+    return model.get_input_embeddings().weight.device
 
 
 def run_generate(args) -> int:
@@ -217,10 +261,10 @@ def run_generate(args) -> int:
         print("moa generate: give --plan PLAN, or --dense for the dense model", file=sys.stderr)
         return 2
     prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map))
     if not args.dense:
         apply_plan(model, args.plan)
-    enc = tok(prompt, return_tensors="pt").to(model.device)
+    enc = tok(prompt, return_tensors="pt").to(input_device(model))
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              temperature=args.temperature if args.sample else None,

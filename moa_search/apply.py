@@ -46,8 +46,12 @@ def apply_plan(model, plan: Plan | str, backend: str = "auto"):
     register()
     alpha, beta = plan.query_rules()
     for layer, mod in enumerate(mods):
-        # on the layer's own device, so that attention does not copy the rules there at every step
+        # on the layer's own device, so that attention does not copy the rules there at every step;
+        # a layer accelerate offloaded (weights on "meta" until it runs) keeps them on the CPU and
+        # they follow the queries at each call
         dev = next(mod.parameters()).device
+        if dev.type == "meta":
+            dev = torch.device("cpu")
         mod.moa_rule = LayerRule(sink=plan.sink, alpha=torch.as_tensor(alpha[layer], device=dev),
                                  beta=torch.as_tensor(beta[layer], device=dev), min_span=plan.min_span, backend=backend)
     if getattr(model, "moa_plan", None) is None:

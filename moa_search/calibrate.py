@@ -179,7 +179,7 @@ def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
             enc = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
-            enc = {k: v.to(model.device) for k, v in enc.items()}
+            enc = {k: v.to(model.get_input_embeddings().weight.device) for k, v in enc.items()}
             stop = [_newline_stop(tokenizer, enc["input_ids"].shape[1])] if stop_at_newline else []
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
@@ -355,6 +355,7 @@ def add_arguments(p) -> None:
     import argparse
 
     from moa_search.calibration_data import sources
+    from moa_search.cli import add_device_map_argument
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
@@ -385,12 +386,13 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="prompts answered together (default 1)")
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    add_device_map_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
 def run(args) -> int:
-    from moa_search.cli import load_model
+    from moa_search.cli import load_model, parse_device_map
     from moa_search.rules import parse_lengths
 
     try:
@@ -404,7 +406,7 @@ def run(args) -> int:
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CalibrationError(f"{out}: exists and is not empty; pass --overwrite or another -o")
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map))
     ds, meta = calibrate(model, tok, args.source, lengths, args.per_length, args.seed, args.max_new_tokens,
                          args.batch_size, model_name=str(args.model))
     save_calibration(ds, out, meta, overwrite=args.overwrite)

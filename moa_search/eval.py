@@ -195,7 +195,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 @torch.no_grad()
 def score_batch(model, tok, batch: list[dict], metrics=METRICS, mode: str = "generate") -> list[dict]:
     """Per-item results for one batch: {correct, loss, answer, n_prompt, n_answer}."""
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # the first shard under a device_map
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     enc = [_tokenize(tok, it["prompt"], it["reference"]) for it in batch]
     out = [{"n_prompt": len(p), "n_answer": len(r), "loss": float("nan"), "correct": None, "answer": ""} for p, r in enc]
@@ -496,6 +496,8 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from moa_search.cli import add_device_map_argument
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
     p.add_argument("--model", default=None, metavar="MODEL_DIR",
@@ -524,20 +526,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sparse attention backend for plans (auto: Triton on GPU; on CPU cpu_window, which "
                         "gathers only the kept keys; reference: the all-pairs oracle)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    add_device_map_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
 
 
 def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, metrics=METRICS, data=None,
              per_length=None, mode="generate", batch_size=None, device=None, dtype=None, backend="auto",
-             bins=5, seed=None, task_types=None, plots=True, console=None, title="") -> list[dict]:
+             bins=5, seed=None, task_types=None, plots=True, console=None, title="", device_map=None) -> list[dict]:
     """Load the model, score every config, write the outputs; returns the aggregated table."""
     from moa_search.cli import load_model
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model, tok = load_model(str(model_dir), device, dtype)
+    if device_map is None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.is_available() if device_map is not None else device.startswith("cuda")
+    dtype = dtype or ("bfloat16" if gpu else "float32")
+    model, tok = load_model(str(model_dir), device, dtype, device_map)
     items = eval_items(tok, lengths, per_length, data, seed, task_types)
-    bs = batch_size or (8 if device.startswith("cuda") else 1)
+    bs = batch_size or (8 if gpu else 1)
     t0 = time.time()
     rows = run_configs(model, tok, configs, items, metrics, bs, mode, backend)
     table = aggregate(rows, bins)
@@ -550,6 +555,8 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
 
 
 def run(args) -> int:
+    from moa_search.cli import parse_device_map
+
     from moa_search.rules import parse_lengths
 
     try:
@@ -568,7 +575,7 @@ def run(args) -> int:
     try:
         evaluate(model_dir, configs, lengths, Path(args.output), metrics, args.data, args.per_length,
                  args.retrieval_mode, args.batch_size, args.device, args.dtype, args.backend, args.depth_bins,
-                 args.seed, task_types, not args.no_plots)
+                 args.seed, task_types, not args.no_plots, device_map=parse_device_map(args.device_map))
     except (ValueError, FileNotFoundError) as e:
         print(f"moa eval: error: {e}", file=sys.stderr)
         return 2

@@ -629,7 +629,7 @@ def validation_scorer(model, dataset, backend: str = "auto", progress: bool = Fa
             raise SearchError(f"validation item {k}: response span [{rs}, {re}) must satisfy 1 <= start < end <= "
                               f"{len(ids)} (the number of input_ids)")
         items.append((ids, rs, re))
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # the first shard under a device_map
 
     def score(plan: Plan) -> float:
         from tqdm.auto import tqdm
@@ -713,6 +713,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="datasets folder (save_to_disk) with input_ids, response_start, response_end; its items "
                         "should be longer than any profiled length")
     p.add_argument("--device", default=None, help="device for validation (default: cuda if available)")
+    from moa_search.cli import add_device_map_argument
+
+    add_device_map_argument(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--heatmap-length", type=int, default=None,
                    help="length N of the span/N heatmap (default: the longest budget length)")
@@ -737,14 +740,12 @@ def run(args) -> int:
     score_fn, info = None, None
     if args.validation:
         import datasets
-        import torch
-        from transformers import AutoModelForCausalLM
+
+        from moa_search.cli import load_model, parse_device_map
 
         data = datasets.load_from_disk(args.validation)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
         # only the weights are needed (the data is already tokenized): no tokenizer required
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        model, _ = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map), tokenizer=False)
         score_fn = validation_scorer(model, data, progress=not args.quiet)
         longest = max(tables.lengths)
         if min(score_fn.lengths) <= longest:

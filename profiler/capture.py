@@ -13,6 +13,7 @@ the log-sum-exp we need); elsewhere the chunked PyTorch math of profiler/referen
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -25,8 +26,6 @@ BACKENDS = ("auto", "reference", "triton")
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' -> 'triton' on CUDA, else 'reference'. 'triton' off CUDA needs TRITON_INTERPRET=1 (tests)."""
-    import os
-
     if backend not in BACKENDS:
         raise ValueError(f"unknown profiler backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -38,8 +37,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def layer_influence(backend: str, q, k, v, do, lse, scale: float, block_size: int) -> torch.Tensor:
-    """[B, Hq, nb, nb] influence of one layer from saved tensors (see profiler/reference.py)."""
-    if backend == "triton":
+    """[B, Hq, nb, nb] influence of one layer from saved tensors (see profiler/reference.py).
+
+    backend "triton" runs the fused kernel on CUDA layers; a layer that a device_map put on
+    the CPU takes the reference path.
+    """
+    if backend == "triton" and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from moa_search.kernels.influence import influence_triton
 
         return influence_triton(q, k, v, do, lse, scale, block_size)

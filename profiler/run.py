@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint the running sums every K samples per rank (default 8)")
     p.add_argument("--restart", action="store_true", help="discard checkpoints and existing profiles in DIR")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
+    from moa_search.cli import add_device_map_argument
+
+    add_device_map_argument(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -84,6 +87,19 @@ def load_for_profiling(path: str, device: str | None, dtype: str):
     return model
 
 
+def load_sharded_for_profiling(path: str, device_map, dtype: str, device: str | None = None):
+    """The model sharded over this host's devices by accelerate (layers on their own devices)."""
+    import torch
+
+    from moa_search.cli import load_model
+
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    model, _ = load_model(path, device, dtype, device_map, tokenizer=False)  # refuses device + device_map
+    model.requires_grad_(False)
+    return model
+
+
 def run(args) -> int:
     from moa_search.calibrate import load_calibration
     from moa_search.profiler.profile import ProfileSettings, dist_info, enable_activation_checkpointing, profile_model
@@ -101,7 +117,15 @@ def run(args) -> int:
 
             raise PlanError(str(e)) from None
         ds = load_calibration(args.data)
-        model = load_for_profiling(args.model, args.device, args.dtype)
+        if args.device_map is not None:
+            from moa_search.cli import parse_device_map
+
+            if world > 1:
+                raise SystemExit("--device-map shards one model over this host's GPUs; under torchrun each rank "
+                                 "holds a whole model (use one or the other)")
+            model = load_sharded_for_profiling(args.model, parse_device_map(args.device_map), args.dtype, args.device)
+        else:
+            model = load_for_profiling(args.model, args.device, args.dtype)
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
         settings = ProfileSettings(lengths=lengths, block_size=args.block_size, max_samples=args.max_samples,

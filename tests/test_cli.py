@@ -1,4 +1,5 @@
 """The `moa` command line, run as a user would (in-process through cli.main, and once as a subprocess)."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -96,6 +97,10 @@ def test_generate_with_plan(capsys, model_dir, tmp_path):
     code, stdout, _ = run(capsys, "generate", "--model", model_dir, "--plan", plan, "--prompt",
                           "the pass key is 12345. remember it.", "--max-new-tokens", 5, "--device", "cpu")
     assert code == 0 and stdout.strip() != ""
+    if importlib.util.find_spec("accelerate") is not None:  # the same text with the model loaded by accelerate
+        code, mapped, _ = run(capsys, "generate", "--model", model_dir, "--plan", plan, "--prompt",
+                              "the pass key is 12345. remember it.", "--max-new-tokens", 5, "--device-map", "auto")
+        assert code == 0 and mapped == stdout
 
 
 def test_every_subcommand_has_help():

@@ -400,3 +400,76 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, monkeypatch):
     resumed = load_profile(Path(tmp_path / "resumed" / "influence_64.safetensors"))
     assert resumed.samples == 5
     torch.testing.assert_close(resumed.influence, one.influence, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("device_map", ["auto", '{"": "cpu"}'])
+def test_device_map_profile_equals_single_device(tmp_path, capsys, device_map):
+    """--device-map loads through accelerate (its hooks around every layer); the sums are the
+    same as with --device. On a GPU machine, test_gpu_split_device_map puts layers on two devices."""
+    pytest.importorskip("accelerate")
+    from moa_search.cli import main
+
+    model_dir, calib = _save_fixture(tmp_path, [60, 62, 64], target=64)
+    common = ["profile", "--model", str(model_dir), "--data", str(calib), "--lengths", "64", "--block-size", "16",
+              "--no-plots", "--dtype", "float32"]
+    assert main(common + ["-o", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    assert main(common + ["-o", str(tmp_path / "map"), "--device-map", device_map]) == 0
+    a = load_profile(tmp_path / "one" / "influence_64.safetensors")
+    b = load_profile(tmp_path / "map" / "influence_64.safetensors")
+    assert a.samples == b.samples == 3
+    torch.testing.assert_close(b.influence, a.influence, rtol=1e-6, atol=0)
+    with pytest.raises(SystemExit, match="not both"):
+        main(common + ["-o", str(tmp_path / "x"), "--device", "cpu", "--device-map", "auto"])
+    with pytest.raises(SystemExit, match="expected auto"):
+        main(common + ["-o", str(tmp_path / "x"), "--device-map", "{bad json"])
+
+
+def test_device_map_without_accelerate_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from moa_search.cli import load_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(SystemExit, match="pip install accelerate"):
+        load_model(str(tmp_path), device_map="auto")
+
+
+@pytest.mark.gpu
+def test_gpu_offloaded_device_map_profile_and_plan(tmp_path):
+    """Layer 0 resident on the GPU, layer 1 offloaded to the CPU by accelerate (its weights sit
+    on "meta" and come to the GPU when it runs): the profile equals the one-device profile, and
+    a plan applied to the offloaded model gives the logits of the plan on one device. (Layers
+    resident on two GPUs need a multi-GPU machine.)"""
+    pytest.importorskip("accelerate")
+    from moa_search import apply_plan
+    from moa_search.cli import load_model
+
+    from helpers import random_plan
+
+    model_dir, calib = _save_fixture(tmp_path, [60, 62, 64], target=64)
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+             "model.norm": "cpu", "lm_head": "cpu"}
+    import datasets
+
+    ds = datasets.load_from_disk(str(calib))
+    common = dict(lengths=[64], block_size=16, progress=False, plots=False)
+    one, _ = load_model(str(model_dir), "cuda", "float32", tokenizer=False)
+    two, _ = load_model(str(model_dir), None, "float32", split, tokenizer=False)
+    assert {p.device.type for p in two.parameters()} == {"cuda", "meta"}
+    for name, m in (("one", one), ("two", two)):
+        m.requires_grad_(False)
+        P.profile_model(m, ds, P.ProfileSettings(backend="auto", **common), tmp_path / name, calib_hash="x")
+    a = load_profile(tmp_path / "one" / "influence_64.safetensors")
+    b = load_profile(tmp_path / "two" / "influence_64.safetensors")
+    # float32 on the GPU runs tf32 matrix products, on the CPU full float32: 1e-2
+    torch.testing.assert_close(b.influence, a.influence, rtol=1e-2, atol=1e-2 * float(a.influence.abs().max()))
+
+    plan = random_plan(one, seed=3, max_alpha=20)
+    ids = torch.randint(0, 61, (2, 64), generator=torch.Generator().manual_seed(0))
+    apply_plan(one, plan)
+    apply_plan(two, plan)
+    with torch.no_grad():
+        ref = one(ids.cuda()).logits.float().cpu()
+        got = two(ids.cuda()).logits.float().cpu()
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
