@@ -6,10 +6,10 @@
 __version__ = "0.1.0"
 
 from .plan import ModelShape, Plan, PlanError, load_plan, save_plan, uniform_plan, plan_from_moa  # noqa: E402
-from .apply import apply_plan, make_cache, remove_plan  # noqa: E402
+from .apply import apply_plan, cache_kwarg, generate, make_cache, remove_plan  # noqa: E402
 
 __all__ = ["__version__", "ModelShape", "Plan", "PlanError", "load_plan", "save_plan", "uniform_plan",
-           "plan_from_moa", "apply_plan", "remove_plan", "make_cache", "MoaCache"]
+           "plan_from_moa", "apply_plan", "remove_plan", "make_cache", "generate", "cache_kwarg", "MoaCache"]
 
 
 def __getattr__(name):

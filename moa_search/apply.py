@@ -5,6 +5,7 @@ model's attention implementation is switched to the registered "moa" function.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -72,12 +73,29 @@ def remove_plan(model):
     return model
 
 
+def cache_kwarg(model) -> str:
+    """The keyword that passes a cache to this transformers version's forward and generate:
+    "cache" (transformers >= 5.2x, which deprecates the old name) or "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def generate(model, max_new_tokens: int | None = None, max_length: int | None = None, **kwargs):
+    """model.generate(**kwargs) with the plan's compressed KV cache (see make_cache):
+
+        out = moa_search.generate(model, **enc, max_new_tokens=256)
+    """
+    cache = make_cache(model, max_new_tokens=max_new_tokens, max_length=max_length)
+    kwargs.update({k: v for k, v in (("max_new_tokens", max_new_tokens), ("max_length", max_length)) if v is not None})
+    return model.generate(**kwargs, **{cache_kwarg(model): cache})
+
+
 def make_cache(model, max_new_tokens: int | None = None, max_length: int | None = None):
     """The compressed per-head KV cache of the plan applied to `model`, for generate():
 
         cache = make_cache(model, max_new_tokens=256)
-        model.generate(**enc, max_new_tokens=256, past_key_values=cache)
+        model.generate(**enc, max_new_tokens=256, **{cache_kwarg(model): cache})
 
+    (moa_search.generate does both.)
     Without it, generate() uses transformers' dense DynamicCache: outputs are the same (the
     attention function applies the plan's rules on it) but the memory is not saved.
     transformers has no public hook to make generate() build a custom cache by itself, so

@@ -25,7 +25,6 @@ Examples:
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import statistics
 import sys
@@ -33,6 +32,7 @@ import time
 
 import torch
 
+from .apply import cache_kwarg
 from .bench import MODEL_SHAPES
 
 
@@ -84,11 +84,6 @@ def build_plan(model, args):
     if not 0 < fraction <= 1:
         raise SystemExit(f"--density {args.density} leaves no window at {final} tokens with a {sink}-token sink")
     return uniform_plan(ModelShape.from_config(model.config), sink=sink, span_fraction=fraction)
-
-
-def cache_kwarg(model) -> str:
-    """transformers renamed past_key_values to cache (5.2x); use what this version's forward takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def dense_cache(model, batch, length, dtype, device):

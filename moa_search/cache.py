@@ -2,7 +2,7 @@
 
     model = moa_search.apply_plan(model, plan)
     cache = moa_search.MoaCache(model, max_new_tokens=256)      # or moa_search.make_cache(...)
-    out = model.generate(**enc, max_new_tokens=256, past_key_values=cache)   # `cache=` in transformers >= 5.2x
+    out = model.generate(**enc, max_new_tokens=256, **{cache_kwarg(model): cache})   # or moa_search.generate
 
 Each layer keeps, per sequence and per KV head, the first `sink` real tokens and a ring
 buffer of that head's window, packed into one [B, T, D] buffer per layer for keys (and

@@ -176,8 +176,7 @@ def test_dense_layers_without_padding_go_to_sdpa():
     assert (out - dense).abs().max() > 1e-3  # layer 1 really is sparse
     # the compressed cache's prefill takes the same decision, and greedy decoding agrees
     before = DISPATCH.copy()
-    with_cache = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
-                                past_key_values=moa_search.make_cache(model, max_new_tokens=3))
+    with_cache = moa_search.generate(model, input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert DISPATCH["sdpa"] - before["sdpa"] == 2
     assert with_cache.tolist() == model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0).tolist()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from moa_search import ModelShape, Plan, apply_plan, make_cache, remove_plan, uniform_plan
+from moa_search import ModelShape, Plan, apply_plan, cache_kwarg, make_cache, remove_plan, uniform_plan
 from moa_search.cache import MoaCache, MoaCacheError
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -54,7 +54,7 @@ def batch(seed=1, pad=5):
 def gen(model, ids, mask, cache=None, **kw):
     kw.setdefault("do_sample", False)
     if cache is not None:
-        kw["past_key_values"] = cache
+        kw[cache_kwarg(model)] = cache
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, **kw)
 
@@ -66,7 +66,7 @@ def test_capacity_and_bytes_follow_the_plan():
     ids, mask = batch()
     cache = make_cache(model, max_new_tokens=NEW)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
     final = PROMPT + NEW
     assert cache.final_length == final
     kv_spans = plan.kv_spans(final)                        # [L, Hkv]: group max of the query heads' spans
@@ -94,8 +94,9 @@ def test_contents_equal_the_kept_set_after_prefill_and_decode_across_a_wrap():
     with torch.no_grad():
         for step in range(NEW):
             pos = (m.cumsum(-1) - 1).clamp_min(0)[:, -tok.shape[1]:]
-            a = model(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True).logits
-            b = model(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=dense, use_cache=True).logits
+            ck = cache_kwarg(model)
+            a = model(input_ids=tok, attention_mask=m, position_ids=pos, **{ck: cache}, use_cache=True).logits
+            b = model(input_ids=tok, attention_mask=m, position_ids=pos, **{ck: dense}, use_cache=True).logits
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             for li, layer in enumerate(cache.layers):
                 kpos, valid = layer.kept_positions()
@@ -196,9 +197,9 @@ def test_misuse_is_refused():
     model.set_attn_implementation("sdpa")
     c = make_cache(model, max_new_tokens=NEW)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=c, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): c}, use_cache=True)
         with pytest.raises(MoaCacheError, match="never consumed"):
-            model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=c,
+            model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), **{cache_kwarg(model): c},
                   use_cache=True)
 
 
@@ -221,11 +222,12 @@ def test_generate_on_gpu_bf16_triton_decode_matches_reference():
             for mod in model.modules():   # decode steps through the Triton kernel; the prefill is not this test's
                 if hasattr(mod, "moa_rule"):
                     mod.moa_rule.backend = "auto" if step else "reference"
-            a = model(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True).logits
+            ck = cache_kwarg(model)
+            a = model(input_ids=tok, attention_mask=m, position_ids=pos, **{ck: cache}, use_cache=True).logits
             for mod in model.modules():
                 if hasattr(mod, "moa_rule"):
                     mod.moa_rule.backend = "reference"
-            b = model(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=ref_cache, use_cache=True).logits
+            b = model(input_ids=tok, attention_mask=m, position_ids=pos, **{ck: ref_cache}, use_cache=True).logits
             torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
             tok = b[:, -1:].argmax(-1)
             m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
