@@ -113,7 +113,7 @@ def _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, st, en, s, sink
 def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
                  qk_scale, sink, Nq, Nk, Hq, G, BH,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                 N_BUCKET, M_BUCKET,
+                 N_BUCKET, M_BUCKET, W_BUCKET,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr):
     # --- which work item: last query blocks first, widest heads first inside a block
@@ -219,7 +219,9 @@ def _configs(shapes, hook=None):
 _PREFILL_SHAPES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)]
 # decode-like calls (a handful of query rows): small query blocks, wide key blocks
 _DECODE_SHAPES = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 8, 3)]
-_KEY = ["D", "N_BUCKET", "M_BUCKET"]
+_KEY = ["D", "N_BUCKET", "M_BUCKET", "W_BUCKET"]  # the buckets: autotune keys only, unused in the kernel
+# A layer whose mean window is under this fraction of N is tuned apart from wide ones.
+NARROW = 0.2
 _PRUNE = {"early_config_prune": _prune}
 _TUNED = {
     (decode, tma): triton.autotune(_configs(_DECODE_SHAPES if decode else _PREFILL_SHAPES,
@@ -267,7 +269,8 @@ def _tma_ok(*tensors) -> bool:
 def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, scale=None,
                              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
                              num_warps: int = 4, num_stages: int = 2, out=None, lse_out=None,
-                             sort_heads: bool = True, use_tma: bool | None = None, maxnreg: int | None = None):
+                             sort_heads: bool = True, use_tma: bool | None = None, maxnreg: int | None = None,
+                             width: float | None = None):
     """Sink + window attention with the Triton kernel (contract: kernels/__init__.py).
 
     q [B,Hq,Nq,D] (bf16/fp16/fp32), k/v [B,Hkv,Nk,D], span int64 [B,Hq], start/end int64 [B].
@@ -279,6 +282,8 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     sort_heads: launch the widest heads first (False: natural head order; for benchmarks).
     use_tma: load K/V blocks with tensor descriptors. None: wherever the GPU and the
     tensors' alignment allow it (Hopper+); False: pointers.
+    width: the mean window / Nk, if the caller knows it on the host; layers of narrow windows
+    get their own autotuned block shape (64-row blocks waste less at the window edges).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -296,7 +301,7 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
         res = sparse_attention_prefill(pad(q), pad(k), pad(v), sink, span, start, end, scale, return_lse=return_lse,
                                        block_m=block_m, block_n=block_n, num_warps=num_warps,
                                        num_stages=num_stages, lse_out=lse_out, sort_heads=sort_heads, use_tma=use_tma,
-                                       maxnreg=maxnreg)
+                                       maxnreg=maxnreg, width=width)
         o = (res[0] if return_lse else res)[..., :D]
         o = out.copy_(o) if out is not None else o.contiguous()
         return (o, res[1]) if return_lse else o
@@ -335,7 +340,7 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
             scale * LOG2E, int(sink), Nq, Nk, Hq, Hq // Hkv, BH,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            _bucket(Nk), int(Nq <= 16))
+            _bucket(Nk), int(Nq <= 16), int(width is not None and width < NARROW))
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * BH,)  # noqa: E731
     if block_m is None and _interpreted():
         block_m, block_n = 32, 32
@@ -349,9 +354,9 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     return (out, lse) if return_lse else out
 
 
-def prefill_backend(q, k, v, sink, span, start, end, scale):
-    """The "triton" backend of moa_search.attention (same signature as the reference's)."""
-    return sparse_attention_prefill(q, k, v, sink, span, start, end, scale)
+def prefill_backend(q, k, v, sink, span, start, end, scale, width=None):
+    """The "triton" backend of moa_search.attention (the reference's signature + the width hint)."""
+    return sparse_attention_prefill(q, k, v, sink, span, start, end, scale, width=width)
 
 
 __all__ = ["sparse_attention_prefill", "prefill_backend", "CALLS"]

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import rules as R
@@ -47,6 +48,10 @@ class LayerRule:
     def dense_at(self, n: int) -> bool:
         """True when every head's span reaches n at length n (all causal keys kept)."""
         return bool((R.span(*self._host, n, self.min_span) >= n).all())
+
+    def width_at(self, n: int) -> float:
+        """Mean window over the heads as a fraction of n, at length n (host side, no sync)."""
+        return float(np.mean(R.span(*self._host, n, self.min_span))) / max(n, 1)
 
 
 def padding_bounds(attention_mask: torch.Tensor | None, batch: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +85,19 @@ BACKENDS: dict[str, Backend] = {}
 DISPATCH: Counter = Counter()
 
 
-def register_backend(name: str, fn: Backend) -> None:
-    """Attention backends by name: "reference" (the oracle), "cpu_window", "triton", or your own."""
+# Backends that take keyword hints besides the contract's arguments (tuning only, never
+# semantics): width = the layer's mean window / N, a host float.
+_TAKES_HINTS: set[str] = set()
+
+
+def register_backend(name: str, fn: Backend, hints: bool = False) -> None:
+    """Attention backends by name: "reference" (the oracle), "cpu_window", "triton", or your own.
+
+    fn(q, k, v, sink, span, start, end, scale) (contract: moa_search.kernels); with hints=True
+    it is also given width=... (see _TAKES_HINTS).
+    """
     BACKENDS[name] = fn
+    (_TAKES_HINTS.add if hints else _TAKES_HINTS.discard)(name)
 
 
 def pick_backend(rule: LayerRule, query: torch.Tensor) -> str:
@@ -137,20 +152,21 @@ def attend(rule: LayerRule, query, key, value, start, end, scale, unpadded: bool
     fn = BACKENDS[name]
     if capture is not None:  # the profiler wraps the backend to see Q, K, V, O and dO
         return capture(fn, query, key, value, rule.sink, span, start, end, scale)
-    return fn(query, key, value, rule.sink, span, start, end, scale)
+    hints = {"width": rule.width_at(Nk)} if name in _TAKES_HINTS else {}
+    return fn(query, key, value, rule.sink, span, start, end, scale, **hints)
 
 
 def _imported_on_first_call(module: str, name: str) -> Backend:
     # pick_backend sends only CUDA queries to triton, so CPU paths never import it
-    def backend(q, k, v, sink, span, start, end, scale):
-        return getattr(importlib.import_module(module), name)(q, k, v, sink, span, start, end, scale)
+    def backend(q, k, v, sink, span, start, end, scale, **hints):
+        return getattr(importlib.import_module(module), name)(q, k, v, sink, span, start, end, scale, **hints)
 
     return backend
 
 
 register_backend("reference", _imported_on_first_call("moa_search.kernels.reference", "sparse_attention_reference"))
 register_backend("cpu_window", _imported_on_first_call("moa_search.kernels.cpu_window", "window_attention_cpu"))
-register_backend("triton", _imported_on_first_call("moa_search.kernels.prefill", "prefill_backend"))
+register_backend("triton", _imported_on_first_call("moa_search.kernels.prefill", "prefill_backend"), hints=True)
 
 
 def register() -> None:

@@ -253,13 +253,14 @@ def run(args) -> int:
             kept = float(np.sum(R.kept_pairs(sink, sp, n))) * B
             flops = 4 * D * kept
             ideal = dens * t_dense
-            methods = {"kernel": lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, scale=scale)}
+            width = float(np.mean(np.minimum(sp, n))) / n  # the host hint a model's layer passes (attention.attend)
+            methods = {"kernel": lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, scale=scale, width=width)}
             if args.variants:
                 methods["kernel-natural-order"] = lambda: prefill.sparse_attention_prefill(
-                    q, k, v, sink, span, scale=scale, sort_heads=False)
+                    q, k, v, sink, span, scale=scale, sort_heads=False, width=width)
             if args.tma_variant:
                 methods["kernel-pointers"] = lambda: prefill.sparse_attention_prefill(
-                    q, k, v, sink, span, scale=scale, use_tma=False)
+                    q, k, v, sink, span, scale=scale, use_tma=False, width=width)
             if not args.no_flex:
                 try:
                     methods["flex"] = flex_case.runner(q, k, v, span, scale)

@@ -195,3 +195,38 @@ def test_dense_layers_without_padding_go_to_sdpa():
     # dense_at follows rules.span exactly: a fixed window of 100 covers N <= 100 only
     rule = LayerRule(sink=4, alpha=torch.tensor([100.0, 0.0]), beta=torch.tensor([0.0, 1.0]))
     assert rule.dense_at(100) and not rule.dense_at(101)
+
+
+def test_backends_registered_with_hints_get_the_layer_width():
+    """attend() hands hint-taking backends the layer's mean window / N, computed on the host
+    from the plan (rules.span at that length), and leaves the others' signature alone."""
+    from moa_search import attention
+    from moa_search import rules as R
+
+    seen = {}
+
+    def fake(q, k, v, sink, span, start, end, scale, **hints):
+        seen.update(hints, span=span.clone())
+        return attention.BACKENDS["reference"](q, k, v, sink, span, start, end, scale)
+
+    attention.register_backend("fake-hints", fake, hints=True)
+    try:
+        alpha, beta = torch.tensor([3.0, 0.0, 100.0, 7.0]), torch.tensor([0.0, 0.5, 0.0, 0.25])
+        rule = attention.LayerRule(sink=2, alpha=alpha, beta=beta, backend="fake-hints")
+        q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+        start, end = torch.zeros(1, dtype=torch.long), torch.full((1,), 40, dtype=torch.long)
+        attention.attend(rule, q, k, v, start, end, 8 ** -0.5, unpadded=True)
+        want = [min(max(int(a + b * 40), 1), 40) for a, b in zip(alpha.tolist(), beta.tolist())]
+        assert seen["span"][0].tolist() == want
+        assert seen["width"] == pytest.approx(sum(want) / 4 / 40)
+        assert rule.width_at(40) == pytest.approx(float(R.span(alpha, beta, 40).float().mean()) / 40)
+    finally:
+        attention.BACKENDS.pop("fake-hints")
+        attention._TAKES_HINTS.discard("fake-hints")
+    seen.clear()
+    attention.register_backend("fake-plain", lambda *a: attention.BACKENDS["reference"](*a))
+    try:
+        rule.backend = "fake-plain"
+        attention.attend(rule, q, k, v, start, end, 8 ** -0.5, unpadded=True)  # 8 positional args, no hints
+    finally:
+        attention.BACKENDS.pop("fake-plain")
