@@ -157,6 +157,19 @@ def test_backend_dispatch_by_device_and_choice():
     assert attention.pick_backend(rule, torch.zeros(1, 2, 3, 16)) == "reference"
 
 
+def test_registered_triton_backend_takes_the_width_hint():
+    """The "triton" entry of the backend registry, as attention.attend calls it (with width=),
+    runs the kernel (interpreted here) and matches the reference."""
+    from moa_search import attention
+
+    q, k, v = _inputs(1, 4, 2, 50, 50, 16, torch.float32, seed=3)
+    span, start, end = torch.tensor([[3, 9, 50, 20]]), torch.tensor([0]), torch.tensor([50])
+    assert "triton" in attention._TAKES_HINTS
+    o = attention.BACKENDS["triton"](q, k, v, 2, span, start, end, 0.25, width=0.1)
+    ref = sparse_attention_reference(q, k, v, 2, span, start, end, 0.25)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
