@@ -69,32 +69,19 @@ def _init_distributed():
     return True
 
 
-def load_for_profiling(path: str, device: str | None, dtype: str):
-    """The model in eval mode, weights frozen, on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from moa_search.plan import PlanError
-
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    if not os.path.isdir(path):
-        raise PlanError(f"{path}: no such model directory")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    model.requires_grad_(False)
-    return model
-
-
-def load_sharded_for_profiling(path: str, device_map, dtype: str, device: str | None = None):
-    """The model sharded over this host's devices by accelerate (layers on their own devices)."""
+def load_for_profiling(path: str, device: str | None, dtype: str, device_map=None):
+    """The model in eval mode, weights frozen, on `device` (or placed by accelerate's device_map)."""
     import torch
 
     from moa_search.cli import load_model
+    from moa_search.plan import PlanError
 
+    if device is None and device_map is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        dtype = "bfloat16" if torch.cuda.is_available() and not str(device).startswith("cpu") else "float32"
+    if not os.path.isdir(path):
+        raise PlanError(f"{path}: no such model directory")
     model, _ = load_model(path, device, dtype, device_map, tokenizer=False)  # refuses device + device_map
     model.requires_grad_(False)
     return model
@@ -117,15 +104,12 @@ def run(args) -> int:
 
             raise PlanError(str(e)) from None
         ds = load_calibration(args.data)
-        if args.device_map is not None:
-            from moa_search.cli import parse_device_map
+        if args.device_map is not None and world > 1:
+            raise SystemExit("--device-map shards one model over this host's GPUs; under torchrun each rank "
+                             "holds a whole model (use one or the other)")
+        from moa_search.cli import parse_device_map
 
-            if world > 1:
-                raise SystemExit("--device-map shards one model over this host's GPUs; under torchrun each rank "
-                                 "holds a whole model (use one or the other)")
-            model = load_sharded_for_profiling(args.model, parse_device_map(args.device_map), args.dtype, args.device)
-        else:
-            model = load_for_profiling(args.model, args.device, args.dtype)
+        model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map))
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
         settings = ProfileSettings(lengths=lengths, block_size=args.block_size, max_samples=args.max_samples,
