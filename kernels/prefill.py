@@ -232,7 +232,8 @@ _TUNED = {
 
 
 def _bucket(n: int) -> int:
-    """Autotune key: block shapes that win at 2k rarely win at 32k, but 16k and 32k agree."""
+    """Autotune key: the best block shape moves with the length (on the H100, narrow layers
+    picked 64x64 at 16k and 128x64 at 32k)."""
     return 0 if n <= 1024 else 1 if n <= 4096 else 2 if n <= 16384 else 3
 
 
