@@ -64,6 +64,8 @@ def add_arguments(p) -> None:
                    help="time every method this many times, interleaved, and report the median (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic rules and inputs")
     p.add_argument("--json", dest="json_out", default=None, help="also write every row as JSON to this file")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw the effective TFLOP/s of each method per case against the ideal and the 1.2x line")
 
 
 # ----------------------------------------------------------------------------- spans
@@ -292,6 +294,9 @@ def run(args) -> int:
         torch.cuda.empty_cache()
 
     _print_table(rows)
+    if args.plot:
+        plot_rows([asdict(r) for r in rows], args.plot, f"{torch.cuda.get_device_name()}, {shape.architecture}, "
+                                                         f"batch {B}, {args.dtype}")
     if args.json_out:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                 "shape": asdict(shape), "batch": B, "dtype": args.dtype, "sink": sink, "argv": sys.argv[1:]}
@@ -308,3 +313,43 @@ def _print_table(rows: list[Row]) -> None:
         speedup = f"{flex.ms / r.ms:11.2f}" if (flex and r.method == "kernel") else " " * 11
         print(f"{r.n:>6} {r.case:<14} {r.density:>7.3f} {r.method:<21} {r.ms:>8.3f} {r.tflops:>8.1f} "
               f"{r.ideal_ms:>8.3f} {r.ratio_to_ideal:>7.2f} {speedup} {r.spread:>7.1%}")
+
+
+def plot_rows(rows: list[dict], path, title: str = ""):
+    """Effective TFLOP/s (kept pairs) of each method per case, one panel per length, with the
+    ideal (the fastest dense SDPA's rate: time = compute density x its time) and the 1.2x-ideal
+    line of the target. rows: Row dicts (a run's --json "rows"). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["n"] for r in rows})
+    methods = [m for m in ("kernel", "kernel-natural-order", "kernel-pointers", "flex")
+               if any(r["method"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.2), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        at = [r for r in rows if r["n"] == n]
+        cases = list(dict.fromkeys(r["case"] for r in at if not r["method"].startswith("sdpa")))
+        by = {(r["case"], r["method"]): r for r in at}
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            xs = [c + (i - (len(methods) - 1) / 2) * width for c in range(len(cases))]
+            ys = [by[(case, m)]["tflops"] if (case, m) in by else 0.0 for case in cases]
+            ax.bar(xs, ys, width, label=m)
+        dense = [r for r in at if r["method"].startswith("sdpa")]
+        if dense:
+            best = max(r["tflops"] for r in dense)
+            ax.axhline(best, color="k", lw=1, label="ideal (dense SDPA rate)")
+            ax.axhline(best / 1.2, color="k", lw=1, ls="--", label="ideal / 1.2 (target)")
+        ax.set_xticks(range(len(cases)), cases, rotation=20)
+        ax.set_ylabel("TFLOP/s on kept pairs")
+        ax.set_title(f"N = {n}")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(f"block-sparse prefill vs FlexAttention{': ' + title if title else ''}")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
