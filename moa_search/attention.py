@@ -57,13 +57,19 @@ class LayerRule:
 def padding_bounds(attention_mask: torch.Tensor | None, batch: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(start, end) int64 [B] of each sequence's real keys, from a 2D [B, Nk] mask (True/1 = real).
 
-    Real tokens must be contiguous (left or right padding, as tokenizers produce).
+    Real tokens must be contiguous (left or right padding, as tokenizers produce). Every layer
+    of a forward gets the same mask tensor, so the bounds are kept on it (`_moa_bounds`) and
+    computed once per forward, not once per layer.
     """
     if attention_mask is None:
         return (torch.zeros(batch, dtype=torch.long, device=device),
                 torch.full((batch,), nk, dtype=torch.long, device=device))
     if attention_mask.dim() != 2:
         raise ValueError(f"moa attention expects a 2D padding mask, got shape {tuple(attention_mask.shape)}")
+    key = (nk, torch.device(device))
+    memo = getattr(attention_mask, "_moa_bounds", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
     m = attention_mask[:, -nk:].bool()
     n_real = m.sum(-1)
     start = torch.where(n_real > 0, m.float().argmax(-1), torch.zeros_like(n_real))
@@ -75,7 +81,9 @@ def padding_bounds(attention_mask: torch.Tensor | None, batch: int, nk: int, dev
         torch._assert_async(contiguous, msg)  # no host sync in every layer of every decode step
     elif not bool(contiguous):
         raise ValueError(msg)
-    return start.to(device), end.to(device)
+    bounds = start.to(device), end.to(device)
+    attention_mask._moa_bounds = (key, bounds)
+    return bounds
 
 
 Backend = Callable[..., torch.Tensor]

@@ -230,3 +230,19 @@ def test_backends_registered_with_hints_get_the_layer_width():
         attention.attend(rule, q, k, v, start, end, 8 ** -0.5, unpadded=True)  # 8 positional args, no hints
     finally:
         attention.BACKENDS.pop("fake-plain")
+
+
+def test_padding_bounds_once_per_forward():
+    """Every layer of a forward gets the same mask tensor: the bounds are computed for the first
+    and reused (same tensors) by the others; another key count or a new mask recomputes."""
+    from moa_search.attention import padding_bounds
+
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    start, end = padding_bounds(mask, 2, 6, torch.device("cpu"))
+    assert start.tolist() == [2, 0] and end.tolist() == [6, 4]
+    again = padding_bounds(mask, 2, 6, torch.device("cpu"))
+    assert again[0] is start and again[1] is end
+    s4, e4 = padding_bounds(mask, 2, 4, torch.device("cpu"))      # the last 4 keys of the same mask
+    assert s4.tolist() == [0, 0] and e4.tolist() == [4, 2]
+    fresh = padding_bounds(mask.clone(), 2, 6, torch.device("cpu"))
+    assert fresh[0] is not start and fresh[0].tolist() == [2, 0]
