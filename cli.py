@@ -247,15 +247,11 @@ def load_model(path: str, device: str | None = None, dtype: str = "auto", device
     return model, tok
 
 
-def input_device(model):
-    """Where a model's input ids go: its embedding's device (the first shard under a device_map)."""
-    return model.get_input_embeddings().weight.device
-
-
 def run_generate(args) -> int:
     import torch
 
     from moa_search import apply_plan
+    from moa_search.apply import input_device
 
     if not args.dense and not args.plan:
         print("moa generate: give --plan PLAN, or --dense for the dense model", file=sys.stderr)

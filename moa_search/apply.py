@@ -73,6 +73,11 @@ def remove_plan(model):
     return model
 
 
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: its embedding's device (the first shard under a device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
 def cache_kwarg(model) -> str:
     """The keyword that passes a cache to this transformers version's forward and generate:
     "cache" (transformers >= 5.2x, which deprecates the old name) or "past_key_values"."""

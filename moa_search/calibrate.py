@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moa_search.apply import input_device
 from moa_search.plan import PlanError
 
 FORMAT = "moa-search-calibration"
@@ -179,7 +180,7 @@ def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
             enc = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
-            enc = {k: v.to(model.get_input_embeddings().weight.device) for k, v in enc.items()}
+            enc = {k: v.to(input_device(model)) for k, v in enc.items()}
             stop = [_newline_stop(tokenizer, enc["input_ids"].shape[1])] if stop_at_newline else []
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moa_search.apply import input_device
+
 METRICS = ("retrieval", "ppl")
 
 
@@ -195,7 +197,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 @torch.no_grad()
 def score_batch(model, tok, batch: list[dict], metrics=METRICS, mode: str = "generate") -> list[dict]:
     """Per-item results for one batch: {correct, loss, answer, n_prompt, n_answer}."""
-    device = model.get_input_embeddings().weight.device  # the first shard under a device_map
+    device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     enc = [_tokenize(tok, it["prompt"], it["reference"]) for it in batch]
     out = [{"n_prompt": len(p), "n_answer": len(r), "loss": float("nan"), "correct": None, "answer": ""} for p, r in enc]
@@ -536,9 +538,11 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
     """Load the model, score every config, write the outputs; returns the aggregated table."""
     from moa_search.cli import load_model
 
-    if device_map is None:
+    if device_map is not None:
+        gpu = torch.cuda.is_available()
+    else:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = torch.cuda.is_available() if device_map is not None else device.startswith("cuda")
+        gpu = device.startswith("cuda")
     dtype = dtype or ("bfloat16" if gpu else "float32")
     model, tok = load_model(str(model_dir), device, dtype, device_map)
     items = eval_items(tok, lengths, per_length, data, seed, task_types)

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import milp
+from .apply import input_device
 from . import rules as R
 from .milp import Problem, SearchError
 from .plan import ModelShape, Plan, atomic_write_text, provenance, save_plan
@@ -629,7 +630,7 @@ def validation_scorer(model, dataset, backend: str = "auto", progress: bool = Fa
             raise SearchError(f"validation item {k}: response span [{rs}, {re}) must satisfy 1 <= start < end <= "
                               f"{len(ids)} (the number of input_ids)")
         items.append((ids, rs, re))
-    device = model.get_input_embeddings().weight.device  # the first shard under a device_map
+    device = input_device(model)
 
     def score(plan: Plan) -> float:
         from tqdm.auto import tqdm
@@ -676,6 +677,8 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from moa_search.cli import add_device_map_argument
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("--profiles", required=True, metavar="DIR", help="folder of influence_N.safetensors (moa profile)")
@@ -713,8 +716,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="datasets folder (save_to_disk) with input_ids, response_start, response_end; its items "
                         "should be longer than any profiled length")
     p.add_argument("--device", default=None, help="device for validation (default: cuda if available)")
-    from moa_search.cli import add_device_map_argument
-
     add_device_map_argument(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--heatmap-length", type=int, default=None,

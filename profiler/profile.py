@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moa_search.apply import input_device
 from moa_search.eval import response_loss
 from moa_search.plan import ModelShape, atomic_write
 from moa_search.profiler.capture import SampleInfluence, dense_profiling, resolve_backend
@@ -127,7 +128,7 @@ def sample_influence(model, input_ids, response_start: int, response_end: int, s
     if not (1 <= rs < re <= n):
         raise ProfileError(f"sample {sample_id!r}: response span [{rs}, {re}) is invalid for {n} tokens "
                            "(need 1 <= response_start < response_end <= n_tokens)")
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=dev)[None]
     state.clear()
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -242,7 +243,7 @@ def profile_length(model, ds, sel: Selection, settings: ProfileSettings, out_dir
         total, nxt, count, loss_sum = saved, int(info["next"]), int(info["count"]), float(info["loss_sum"])
         log.info("length %d: resuming after sample %d of %d (%s)", sel.length, nxt, len(sel.indices), ckpt)
 
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     chunk = max(1, settings.checkpoint_every) * world
     from tqdm.auto import tqdm
 
@@ -353,7 +354,7 @@ def profile_model(model, ds, settings: ProfileSettings, out_dir, calib_hash: str
     if too_long:
         raise ProfileError(f"length(s) {too_long} exceed the model's max_position_embeddings ({max_len}); "
                            "profile at lengths the model supports")
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     try:
         backend = resolve_backend(settings.backend, dev)
     except ValueError as e:
