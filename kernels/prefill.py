@@ -26,6 +26,11 @@ launched longest work first (last query blocks first, and inside a query block t
 the widest spans first) so that the heterogeneous spans of a plan do not leave a long tail.
 
 A layer whose every head is dense does not come here: moa_search.attention sends it to SDPA.
+
+On Hopper (sm_90), bf16/fp16 prefill runs kernels/prefill_hopper.py instead: the same visited
+blocks and token masks, written in Gluon with a TMA producer warp and two consumer warpgroups
+whose softmax overlaps their P V products. This file's kernel serves everything else (the CPU
+interpreter, other GPUs, decode-shaped calls, fp32, pinned block shapes).
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from collections import Counter
 import torch
 import triton
 import triton.language as tl
+
+from . import prefill_hopper
 
 LOG2E = 1.4426950408889634
 
@@ -271,7 +278,7 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
                              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
                              num_warps: int = 4, num_stages: int = 2, out=None, lse_out=None,
                              sort_heads: bool = True, use_tma: bool | None = None, maxnreg: int | None = None,
-                             width: float | None = None):
+                             width: float | None = None, use_gluon: bool | None = None):
     """Sink + window attention with the Triton kernel (contract: kernels/__init__.py).
 
     q [B,Hq,Nq,D] (bf16/fp16/fp32), k/v [B,Hkv,Nk,D], span int64 [B,Hq], start/end int64 [B].
@@ -284,7 +291,10 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     use_tma: load K/V blocks with tensor descriptors. None: wherever the GPU and the
     tensors' alignment allow it (Hopper+); False: pointers.
     width: the mean window / Nk, if the caller knows it on the host; layers of narrow windows
-    get their own autotuned block shape (64-row blocks waste less at the window edges).
+    get their own block shape (smaller blocks waste less at the window edges).
+    use_gluon: run the warp-specialized Hopper kernel (kernels/prefill_hopper.py). None: on
+    sm_90 for bf16/fp16 prefill (more than 16 query rows) with aligned q/k/v and no pinned block
+    shape; False: always this file's Triton kernel.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -302,7 +312,7 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
         res = sparse_attention_prefill(pad(q), pad(k), pad(v), sink, span, start, end, scale, return_lse=return_lse,
                                        block_m=block_m, block_n=block_n, num_warps=num_warps,
                                        num_stages=num_stages, lse_out=lse_out, sort_heads=sort_heads, use_tma=use_tma,
-                                       maxnreg=maxnreg, width=width)
+                                       maxnreg=maxnreg, width=width, use_gluon=use_gluon)
         o = (res[0] if return_lse else res)[..., :D]
         o = out.copy_(o) if out is not None else o.contiguous()
         return (o, res[1]) if return_lse else o
@@ -326,6 +336,18 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     else:
         order = torch.arange(B * Hq, dtype=torch.int32, device=dev)
     BH = B * Hq
+    if use_gluon is None:
+        use_gluon = block_m is None and Nq > 16 and not _interpreted() and prefill_hopper.supported(q, k, v)
+    elif use_gluon and not prefill_hopper.supported(q, k, v):
+        raise ValueError("use_gluon=True needs an sm_90 GPU, Triton's Gluon, bf16/fp16 q/k/v with head_dim "
+                         f"in {sorted(prefill_hopper.CONFIG)} and 16-byte aligned bases and strides")
+    if use_gluon:
+        narrow = width is not None and width < NARROW
+        prefill_hopper.hopper_prefill(q, k, v, span, start, end, sink, scale, out, lse, order, return_lse,
+                                      config=prefill_hopper.NARROW_CONFIG[D] if narrow else None)
+        CALLS["kernel"] += 1
+        CALLS["gluon"] += 1
+        return (out, lse) if return_lse else out
     if use_tma is None:
         use_tma = not _interpreted() and _tma_ok(k, v)
     elif use_tma and not _interpreted() and not _tma_ok(k, v):  # the interpreter emulates descriptors anywhere

@@ -57,7 +57,9 @@ def add_arguments(p) -> None:
     p.add_argument("--variants", action="store_true",
                    help="also time the kernel with programs in natural head order instead of widest first")
     p.add_argument("--tma-variant", action="store_true",
-                   help="also time the kernel with K/V loaded through pointers instead of tensor descriptors (TMA)")
+                   help="also time the Triton kernel with K/V loaded through pointers instead of tensor descriptors (TMA)")
+    p.add_argument("--no-triton", action="store_true",
+                   help="on sm_90, skip the row of the portable Triton kernel (kernel-triton) beside the Gluon one")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
     p.add_argument("--rounds", type=int, default=3,
@@ -205,6 +207,7 @@ def run(args) -> int:
     bench = lambda fn: float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))  # noqa: E731
 
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"kernel: {'Gluon (sm_90)' if prefill.prefill_hopper.HAVE_GLUON and torch.cuda.get_device_capability()[0] == 9 else 'Triton'} | "
           f"{shape.architecture}: {Hq} query heads, {Hkv} KV heads, head_dim {D} | batch {B} | {args.dtype} | sink {sink}")
     from torch import _dynamo
 
@@ -227,6 +230,7 @@ def run(args) -> int:
         q = torch.randn(B, Hq, n, D, device=dev, dtype=dtype, generator=g)
         k = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype, generator=g)
         v = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype, generator=g)
+        hopper = prefill.prefill_hopper.supported(q, k, v)
         causal_flops = 4 * D * B * Hq * n * (n + 1) / 2
 
         def sdpa(kk=k, vv=v):
@@ -256,13 +260,17 @@ def run(args) -> int:
             flops = 4 * D * kept
             ideal = dens * t_dense
             width = float(np.mean(np.minimum(sp, n))) / n  # the host hint a model's layer passes (attention.attend)
+            # "kernel" is what a model's layer runs: the Gluon kernel on sm_90, else the Triton one
             methods = {"kernel": lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, scale=scale, width=width)}
+            if hopper and not args.no_triton:
+                methods["kernel-triton"] = lambda: prefill.sparse_attention_prefill(
+                    q, k, v, sink, span, scale=scale, width=width, use_gluon=False)
             if args.variants:
                 methods["kernel-natural-order"] = lambda: prefill.sparse_attention_prefill(
                     q, k, v, sink, span, scale=scale, sort_heads=False, width=width)
             if args.tma_variant:
                 methods["kernel-pointers"] = lambda: prefill.sparse_attention_prefill(
-                    q, k, v, sink, span, scale=scale, use_tma=False, width=width)
+                    q, k, v, sink, span, scale=scale, use_tma=False, width=width, use_gluon=False)
             if not args.no_flex:
                 try:
                     methods["flex"] = flex_case.runner(q, k, v, span, scale)

@@ -145,6 +145,8 @@ def test_bad_input_is_refused_with_a_clear_error():
     q, k, v = _inputs(1, 2, 1, 10, 10, 16, torch.float32, seed=0)
     with pytest.raises(ValueError, match="span must be"):
         prefill.sparse_attention_prefill(q, k, v, 1, torch.ones(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="use_gluon=True needs an sm_90 GPU"):
+        prefill.sparse_attention_prefill(q, k, v, 1, torch.ones(1, 2, dtype=torch.long), use_gluon=True)
 
 
 def test_backend_dispatch_by_device_and_choice():
@@ -186,9 +188,66 @@ def _llama3_like_spans(n, hq=32, group=4, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,use_tma", [(4096, None), (8192, False), (8192, None)])
 def test_gpu_bf16_realistic(n, use_tma):
+    # the Triton kernel (use_gluon=False); the Hopper kernel has its own tests below
     q, k, v = _inputs(1, 32, 8, n, n, 128, torch.bfloat16, device="cuda")
     span = _llama3_like_spans(n).cuda()
-    _run_and_compare(q, k, v, 64, span, use_tma=use_tma)
+    _run_and_compare(q, k, v, 64, span, use_tma=use_tma, use_gluon=False)
+
+
+def _hopper_or_skip():
+    from moa_search.kernels import prefill_hopper
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9 or not prefill_hopper.HAVE_GLUON:
+        pytest.skip("the Gluon kernel needs an sm_90 GPU and Triton's Gluon")
+    return prefill_hopper
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("width", [None, 0.1])  # wide-layer and narrow-layer block shapes
+def test_gpu_hopper_kernel_padding_gqa_tails(dtype, d, width):
+    prefill = _prefill()
+    _hopper_or_skip()
+    n = 3000  # no multiple of any block: tails in queries and keys
+    q, k, v = _inputs(2, 16, 4, n, n, d, dtype, device="cuda")
+    span = torch.stack([_llama3_like_spans(2000, 16)[0], _llama3_like_spans(2900, 16, seed=1)[0]]).cuda()
+    span[0, :3] = torch.tensor([1, 5, n])  # one-token window, tiny window, full span
+    before = prefill.CALLS["gluon"]
+    o, _ = _run_and_compare(q, k, v, 64, span, torch.tensor([1000, 0]).cuda(), torch.tensor([n, 2900]).cuda(),
+                            width=width)
+    assert prefill.CALLS["gluon"] == before + 1, "the sm_90 prefill did not take the Gluon kernel"
+    assert (o[0, :, :1000] == 0).all() and (o[1, :, 2900:] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nq", [17, 700])
+@pytest.mark.parametrize("sink", [0, 64, 200])
+def test_gpu_hopper_kernel_queries_last_of_keys_and_sinks(nq, sink):
+    prefill = _prefill()
+    _hopper_or_skip()
+    q, k, v = _inputs(1, 8, 2, nq, 2500, 128, torch.bfloat16, device="cuda")
+    span = torch.tensor([[1, 3, 64, 100, 129, 700, 2000, 2500]]).cuda()
+    before = prefill.CALLS["gluon"]
+    _run_and_compare(q, k, v, sink, span, scale=0.3)
+    assert prefill.CALLS["gluon"] == before + 1
+
+
+@pytest.mark.gpu
+def test_gpu_hopper_kernel_realistic_and_pinned_shapes_fall_back():
+    prefill = _prefill()
+    _hopper_or_skip()
+    n = 8192
+    q, k, v = _inputs(1, 32, 8, n, n, 128, torch.bfloat16, device="cuda")
+    span = _llama3_like_spans(n).cuda()
+    before, kernel = prefill.CALLS["gluon"], prefill.CALLS["kernel"]
+    _run_and_compare(q, k, v, 64, span)
+    assert prefill.CALLS["gluon"] == before + 1
+    # a pinned block shape, decode-shaped queries and fp32 stay on the Triton kernel
+    _run_and_compare(q, k, v, 64, span, block_m=128, block_n=64, num_warps=8, num_stages=3)
+    _run_and_compare(q[:, :, -16:], k, v, 64, span)
+    _run_and_compare(*(t[..., :1024, :].float() for t in (q, k, v)), 64, span.clamp(max=1024), tol=5e-3)  # tf32 dots
+    assert prefill.CALLS["gluon"] == before + 1 and prefill.CALLS["kernel"] == kernel + 4
 
 
 @pytest.mark.gpu
@@ -237,10 +296,12 @@ def test_gpu_model_with_plan_prefills_through_the_kernel():
     q = torch.zeros(1, 4, 1, 64, device="cuda")
     assert all(pick_backend(m.moa_rule, q) == "triton" for m in mods)
     ids = torch.randint(0, 256, (1, 1500), device="cuda")
-    before, before_sdpa = prefill.CALLS["kernel"], DISPATCH["sdpa"]
+    before, before_sdpa, before_gluon = prefill.CALLS["kernel"], DISPATCH["sdpa"], prefill.CALLS["gluon"]
     with torch.no_grad():
         fast = model(ids, use_cache=False).logits.float()
     assert prefill.CALLS["kernel"] == before + 2 and DISPATCH["sdpa"] == before_sdpa + 1
+    hopper = torch.cuda.get_device_capability()[0] == 9 and prefill.prefill_hopper.HAVE_GLUON
+    assert prefill.CALLS["gluon"] == before_gluon + (2 if hopper else 0)
     apply_plan(model, plan, backend="reference")
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits.float()

@@ -1,0 +1,280 @@
+"""Hopper prefill kernel (Gluon): the block-sparse sink + window forward of kernels/prefill.py,
+written with explicit TMA, mbarriers and asynchronous warpgroup MMAs so that the softmax of one
+key block runs while the tensor cores multiply the previous block's P by V.
+
+Same contract, same visited blocks, same token masks as kernels/prefill.py (read that file's
+docstring first); the oracle is kernels/reference.py. What differs is the schedule inside one
+program (BLOCK_M query rows, one warpgroup per 64 rows):
+
+    prologue   TMA K/V blocks 0 .. STAGES-1 into a ring of shared-memory slots
+               S0 = Q K0^T; softmax(S0) -> P0
+    block t    S_t = Q K_t^T            (issued, async)
+               O  += P_{t-1} V_{t-1}    (issued, async)
+               wait for S_t only  ->  softmax(S_t) -> P_t, alpha_t   (while P V runs)
+               wait for P V; refill the freed slot with block t-1+STAGES; O *= alpha_t
+    epilogue   O += P_last V_last; O / l
+
+Triton's own pipeliner on kernels/prefill.py waits for every MMA before the softmax (profiled on
+the H100: the tensor pipe idles ~45% of the time); this schedule is FlashAttention-3's
+"intra-warpgroup overlap". GPU only (sm_90+, bf16/fp16, head_dim 64/128, 16-byte aligned K/V):
+no interpreter for Gluon, so the CPU suite checks kernels/prefill.py and the GPU suite checks
+this kernel against the same reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # Gluon is experimental and GPU-only; the package must import without it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+LOG2E = 1.4426950408889634
+
+
+if HAVE_GLUON:
+
+    @gluon.constexpr_function
+    def _mma_layout(n, num_warps):
+        """wgmma accumulator layout [rows, n]: 16 rows per warp, warps stacked along the rows."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+    @gluon.jit
+    def _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N: gl.constexpr):
+        """First key of the t-th visited block: sink | leading edge | interior | diagonal."""
+        return gl.where(t < c_sink, sink_lo + t * BLOCK_N,
+                        gl.where(t < c_edge, a + (t - c_sink) * BLOCK_N,
+                                 gl.where(t < c_edge + c_int, i_lo + (t - c_edge) * BLOCK_N,
+                                          i_hi + (t - c_edge - c_int) * BLOCK_N)))
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, n, masked, st, en, span, sink, q_pos, qk_scale,
+                 BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Online-softmax step on raw scores s [BLOCK_M, BLOCK_N] (fp32, wgmma layout).
+
+        Returns p (unnormalised, fp32), alpha = exp2(m_old - m_new) and the updated (l, m).
+        On edge blocks (`masked`) the dropped pairs are -inf first: the kept set of rules.kept.
+        """
+        if masked:
+            k_pos = n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)) - st
+            kp = gl.expand_dims(k_pos, 0)
+            qp = gl.expand_dims(q_pos, 1)
+            keep = (kp >= 0) & (kp < en - st) & (kp <= qp) & ((kp < sink) | (kp > qp - span))
+            s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        # a row with nothing kept so far keeps m = -inf; shift by 0 then so exp2 gives 0, not NaN
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, l_i, m_new
+
+    @gluon.jit
+    def _producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, ready, empty,
+                  b, h, kvh, q_row, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: TMA the two 64-row halves of Q, then K/V block t into ring slot t % STAGES
+        once both consumers have released the block that last used the slot."""
+        mbarrier.expect(q_bar, 2 * QD.block_type.nbytes)
+        tma.async_copy_global_to_shared(QD, [b, h, q_row, 0], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(QD, [b, h, q_row + QD.block_type.shape[2], 0], q_bar, q_smem.index(1))
+        for t in range(T):
+            slot = t % STAGES
+            # a fresh barrier counts as "phase 1 complete": the first STAGES waits pass at once
+            mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
+            n = _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, KD.block_type.nbytes + VD.block_type.nbytes)
+            tma.async_copy_global_to_shared(KD, [b, kvh, n, 0], bar, k_smem.index(slot))
+            tma.async_copy_global_to_shared(VD, [b, kvh, n, 0], bar, v_smem.index(slot))
+
+    @gluon.jit
+    def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, ready, empty,
+                  b, h, bh, q_row, HALF: gl.constexpr, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi,
+                  st, en, span, sink, off, Nq, qk_scale, sob, soh, son,
+                  D: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  WRITE_LSE: gl.constexpr):
+        """One warpgroup: rows [q_row + half*ROWS, +ROWS) of the query block, all T key blocks."""
+        dtype: gl.constexpr = k_smem.dtype
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N, 4)   # S, P: [ROWS, BLOCK_N]
+        o_layout: gl.constexpr = _mma_layout(D, 4)         # O: [ROWS, D]
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        r0 = q_row + HALF * ROWS
+        rows = r0 + gl.arange(0, ROWS, layout=row_s)
+        q_pos = off + rows - st
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([ROWS], gl.float32, row_s)
+        acc = gl.zeros([ROWS, D], gl.float32, o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+        q_s = q_smem.index(HALF).reshape([ROWS, D])
+        mbarrier.wait(q_bar, 0)
+
+        if T > 0:
+            # block 0: scores and softmax only (no P V yet)
+            mbarrier.wait(ready.index(0), 0)
+            k0 = k_smem.index(0).reshape([BLOCK_N, D]).permute((1, 0))
+            s_tok = warpgroup_mma(q_s, k0, s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s_tok,))
+            n0 = _block_start(0, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
+            p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n0, (0 < c_edge) | (0 >= c_edge + c_int), st, en, span,
+                                            sink, q_pos, qk_scale, BLOCK_N, s_layout)
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+
+        for t in range(1, T):
+            slot = t % STAGES
+            prev = (t - 1) % STAGES
+            mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+            k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))
+            s_tok = warpgroup_mma(q_s, k_t, s_zero, use_acc=False, is_async=True)
+            v_prev = v_smem.index(prev).reshape([BLOCK_N, D])
+            acc_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t done; P_{t-1} V_{t-1} may still run
+            n = _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
+            p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n, (t < c_edge) | (t >= c_edge + c_int), st, en, span,
+                                            sink, q_pos, qk_scale, BLOCK_N, s_layout)
+            acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+            mbarrier.arrive(empty.index(prev), count=1)  # this warpgroup is done with block t-1
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+
+        if T > 0:
+            v_last = v_smem.index((T - 1) % STAGES).reshape([BLOCK_N, D])
+            acc_tok = warpgroup_mma(p, v_last, acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+
+        # --- padding rows and rows with nothing kept: zeros and lse -inf
+        ok = (rows < Nq) & (q_pos >= 0) & (off + rows < en) & (l_i > 0)
+        l_safe = gl.where(ok, l_i, 1.0)
+        inv = gl.convert_layout(gl.where(ok, 1.0 / l_safe, 0.0), row_o)
+        out = acc * gl.expand_dims(inv, 1)
+        rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
+        d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = (O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+                  + gl.expand_dims(rows_o, 1) * son + gl.expand_dims(d_o, 0))
+        gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(rows_o < Nq, 1))
+        if WRITE_LSE:
+            lse = gl.where(ok, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            gl.store(LSE + bh.to(gl.int64) * Nq + rows, lse, mask=rows < Nq)
+
+    @gluon.jit
+    def _hopper_fwd(O, LSE, SPAN, START, END, ORDER, QD, KD, VD,
+                    qk_scale, sink, Nq, Nk, Hq, G, BH, sob, soh, son,
+                    D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr):
+        ROWS: gl.constexpr = QD.block_type.shape[2]   # rows per consumer warpgroup (64)
+        BLOCK_M: gl.constexpr = 2 * ROWS
+        # --- which work item: last query blocks first, widest heads first inside a block
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(Nq, BLOCK_M)
+        mb = num_m - 1 - pid // BH
+        bh = gl.load(ORDER + pid % BH)
+        b = bh // Hq
+        h = bh % Hq
+        kvh = h // G
+        st = gl.load(START + b).to(gl.int32)
+        en = gl.load(END + b).to(gl.int32)
+        span = gl.minimum(gl.load(SPAN + bh), Nk).to(gl.int32)
+        off = Nk - Nq
+        q_row = mb * BLOCK_M
+
+        # --- the key blocks this query block visits (same ranges as kernels/prefill.py)
+        row_lo = gl.maximum(off + q_row, st)
+        row_hi = gl.minimum(gl.minimum(off + q_row + BLOCK_M - 1, Nk - 1), en - 1)
+        has_rows = row_lo <= row_hi
+        win_lo = gl.maximum(st, row_lo - span + 1)
+        a = (win_lo // BLOCK_N) * BLOCK_N
+        win_hi = gl.where(has_rows, gl.minimum(row_hi + 1, en), a)
+        i_lo = gl.cdiv(gl.maximum(st, row_hi - span + 1), BLOCK_N) * BLOCK_N
+        i_hi = (gl.minimum(en, row_lo + 1) // BLOCK_N) * BLOCK_N
+        no_interior = i_lo >= i_hi
+        i_lo = gl.where(no_interior, a, i_lo)
+        i_hi = gl.where(no_interior, a, i_hi)
+        sink_lo = (st // BLOCK_N) * BLOCK_N
+        sink_hi = gl.where(has_rows & (sink > 0), gl.minimum(gl.minimum(st + sink, win_hi), a), sink_lo)
+        c_sink = gl.cdiv(sink_hi - sink_lo, BLOCK_N)
+        c_edge = c_sink + gl.cdiv(i_lo - a, BLOCK_N)
+        c_int = (i_hi - i_lo) // BLOCK_N
+        T = c_edge + c_int + gl.maximum(gl.cdiv(win_hi - i_hi, BLOCK_N), 0)
+
+        # --- shared memory: the two Q halves, a ring of STAGES K/V slots, their barriers
+        q_smem = gl.allocate_shared_memory(QD.dtype, [2] + QD.block_type.shape, QD.layout)
+        k_smem = gl.allocate_shared_memory(KD.dtype, [STAGES] + KD.block_type.shape, KD.layout)
+        v_smem = gl.allocate_shared_memory(VD.dtype, [STAGES] + VD.block_type.shape, VD.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+
+        gl.warp_specialize([
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, ready, empty, b, h, bh, q_row, 0,
+                         T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi,
+                         st, en, span, sink, off, Nq, qk_scale, sob, soh, son, D, ROWS, BLOCK_N, STAGES, WRITE_LSE)),
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, ready, empty, b, h, bh, q_row, 1,
+                         T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi,
+                         st, en, span, sink, off, Nq, qk_scale, sob, soh, son, D, ROWS, BLOCK_N, STAGES, WRITE_LSE)),
+            (_producer, (QD, KD, VD, q_smem, k_smem, v_smem, q_bar, ready, empty, b, h, kvh, q_row,
+                         T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
+# ----------------------------------------------------------------------------- launcher
+
+# (BLOCK_N, STAGES) by head_dim; a program is 2 consumer warpgroups of 64 query rows each.
+# From the H100 sweep in BENCHMARKS.md: 128-key blocks with 3 stages win wherever windows are
+# wide (dense 16k-32k: 0.95-1.03x cuDNN's time); layers of narrow windows (mean < 0.2 N) lose
+# less at the window edges with 64-key blocks.
+CONFIG = {128: (128, 3), 64: (128, 4)}
+NARROW_CONFIG = {128: (64, 4), 64: (64, 6)}
+ROWS = 64
+
+
+def supported(q, k, v) -> bool:
+    """Whether this kernel can run these tensors (else use kernels/prefill.py)."""
+    if not HAVE_GLUON or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if q.shape[-1] not in CONFIG:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in (q, k, v))
+
+
+def hopper_prefill(q, k, v, span, start, end, sink: int, scale: float, out, lse, order, write_lse: bool,
+                   config=None, consumer_regs: int = 232, maxnreg: int = 168):
+    """Launch on checked, prepared arguments (kernels/prefill.py:sparse_attention_prefill does that).
+
+    q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D] (bf16/fp16, unit last stride, 16-B aligned), span int64
+    [B,Hq], start/end int64 [B], out [B,Hq,Nq,D], lse fp32 [B,Hq,Nq] (or any tensor when not
+    write_lse), order int32 [B*Hq] (launch order of the (batch, head) pairs).
+    config: (BLOCK_N, STAGES); registers: per consumer thread after the producer gives its up.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    bn, stages = config or CONFIG[D]
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def desc(t, rows):
+        box = [1, 1, rows, D]
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gdt))
+
+    BH = B * Hq
+    grid = (triton.cdiv(Nq, 2 * ROWS) * BH,)
+    _hopper_fwd[grid](out, lse, span, start, end, order, desc(q, ROWS), desc(k, bn), desc(v, bn),
+                      scale * LOG2E, int(sink), Nq, Nk, Hq, Hq // Hkv, BH, out.stride(0), out.stride(1), out.stride(2),
+                      D=D, BLOCK_N=bn, STAGES=stages, WRITE_LSE=write_lse, CONSUMER_REGS=consumer_regs,
+                      num_warps=4, maxnreg=maxnreg)
+    return out
