@@ -278,7 +278,7 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
                              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
                              num_warps: int = 4, num_stages: int = 2, out=None, lse_out=None,
                              sort_heads: bool = True, use_tma: bool | None = None, maxnreg: int | None = None,
-                             width: float | None = None, use_gluon: bool | None = None):
+                             width: float | None = None, use_gluon: bool | None = None, persistent: bool = True):
     """Sink + window attention with the Triton kernel (contract: kernels/__init__.py).
 
     q [B,Hq,Nq,D] (bf16/fp16/fp32), k/v [B,Hkv,Nk,D], span int64 [B,Hq], start/end int64 [B].
@@ -287,14 +287,16 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     of autotuning (tests, interpreter, sweeps); maxnreg caps registers per thread, e.g. so that
     two programs share an SM.
     out / lse_out: optional preallocated results (contiguous [B,Hq,Nq,D] / fp32 [B,Hq,Nq]).
-    sort_heads: launch the widest heads first (False: natural head order; for benchmarks).
+    sort_heads: launch the widest heads first (False: natural head order; for benchmarks). The
+    Gluon kernel always runs heads in natural order (GQA groups side by side share K/V in L2).
     use_tma: load K/V blocks with tensor descriptors. None: wherever the GPU and the
     tensors' alignment allow it (Hopper+); False: pointers.
     width: the mean window / Nk, if the caller knows it on the host; layers of narrow windows
     get their own block shape (smaller blocks waste less at the window edges).
     use_gluon: run the warp-specialized Hopper kernel (kernels/prefill_hopper.py). None: on
     sm_90 for bf16/fp16 prefill (more than 16 query rows) with aligned q/k/v and no pinned block
-    shape; False: always this file's Triton kernel.
+    shape; False: always this file's Triton kernel. persistent: the Gluon kernel's schedule
+    (one program per SM looping over work items, or one program per item).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -312,7 +314,7 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
         res = sparse_attention_prefill(pad(q), pad(k), pad(v), sink, span, start, end, scale, return_lse=return_lse,
                                        block_m=block_m, block_n=block_n, num_warps=num_warps,
                                        num_stages=num_stages, lse_out=lse_out, sort_heads=sort_heads, use_tma=use_tma,
-                                       maxnreg=maxnreg, width=width, use_gluon=use_gluon)
+                                       maxnreg=maxnreg, width=width, use_gluon=use_gluon, persistent=persistent)
         o = (res[0] if return_lse else res)[..., :D]
         o = out.copy_(o) if out is not None else o.contiguous()
         return (o, res[1]) if return_lse else o
@@ -330,11 +332,6 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
         raise ValueError(f"lse_out must be contiguous float32 {(B, Hq, Nq)}, got {tuple(lse_out.shape)} {lse_out.dtype}")
     else:
         lse = lse_out
-    # widest heads first: their programs are the long ones (stable: GQA groups stay together)
-    if sort_heads:
-        order = torch.argsort(span.flatten(), descending=True, stable=True).to(torch.int32)
-    else:
-        order = torch.arange(B * Hq, dtype=torch.int32, device=dev)
     BH = B * Hq
     if use_gluon is None:
         use_gluon = block_m is None and Nq > 16 and not _interpreted() and prefill_hopper.supported(q, k, v)
@@ -342,12 +339,16 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
         raise ValueError("use_gluon=True needs an sm_90 GPU, Triton's Gluon, bf16/fp16 q/k/v with head_dim "
                          f"in {sorted(prefill_hopper.CONFIG)} and 16-byte aligned bases and strides")
     if use_gluon:
-        narrow = width is not None and width < NARROW
-        prefill_hopper.hopper_prefill(q, k, v, span, start, end, sink, scale, out, lse, order, return_lse,
-                                      config=prefill_hopper.NARROW_CONFIG[D] if narrow else None)
+        prefill_hopper.hopper_prefill(q, k, v, span, start, end, sink, scale, out, lse, return_lse,
+                                      persistent=persistent)
         CALLS["kernel"] += 1
         CALLS["gluon"] += 1
         return (out, lse) if return_lse else out
+    # widest heads first: their programs are the long ones (stable: GQA groups stay together)
+    if sort_heads:
+        order = torch.argsort(span.flatten(), descending=True, stable=True).to(torch.int32)
+    else:
+        order = torch.arange(B * Hq, dtype=torch.int32, device=dev)
     if use_tma is None:
         use_tma = not _interpreted() and _tma_ok(k, v)
     elif use_tma and not _interpreted() and not _tma_ok(k, v):  # the interpreter emulates descriptors anywhere

@@ -22,6 +22,8 @@ this kernel against the same reference.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -76,118 +78,22 @@ if HAVE_GLUON:
         return p, alpha, l_i, m_new
 
     @gluon.jit
-    def _producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, ready, empty,
-                  b, h, kvh, q_row, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: TMA the two 64-row halves of Q, then K/V block t into ring slot t % STAGES
-        once both consumers have released the block that last used the slot."""
-        mbarrier.expect(q_bar, 2 * QD.block_type.nbytes)
-        tma.async_copy_global_to_shared(QD, [b, h, q_row, 0], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(QD, [b, h, q_row + QD.block_type.shape[2], 0], q_bar, q_smem.index(1))
-        for t in range(T):
-            slot = t % STAGES
-            # a fresh barrier counts as "phase 1 complete": the first STAGES waits pass at once
-            mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
-            n = _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
-            bar = ready.index(slot)
-            mbarrier.expect(bar, KD.block_type.nbytes + VD.block_type.nbytes)
-            tma.async_copy_global_to_shared(KD, [b, kvh, n, 0], bar, k_smem.index(slot))
-            tma.async_copy_global_to_shared(VD, [b, kvh, n, 0], bar, v_smem.index(slot))
-
-    @gluon.jit
-    def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, ready, empty,
-                  b, h, bh, q_row, HALF: gl.constexpr, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi,
-                  st, en, span, sink, off, Nq, qk_scale, sob, soh, son,
-                  D: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  WRITE_LSE: gl.constexpr):
-        """One warpgroup: rows [q_row + half*ROWS, +ROWS) of the query block, all T key blocks."""
-        dtype: gl.constexpr = k_smem.dtype
-        s_layout: gl.constexpr = _mma_layout(BLOCK_N, 4)   # S, P: [ROWS, BLOCK_N]
-        o_layout: gl.constexpr = _mma_layout(D, 4)         # O: [ROWS, D]
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-        r0 = q_row + HALF * ROWS
-        rows = r0 + gl.arange(0, ROWS, layout=row_s)
-        q_pos = off + rows - st
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([ROWS], gl.float32, row_s)
-        acc = gl.zeros([ROWS, D], gl.float32, o_layout)
-        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-        p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-        q_s = q_smem.index(HALF).reshape([ROWS, D])
-        mbarrier.wait(q_bar, 0)
-
-        if T > 0:
-            # block 0: scores and softmax only (no P V yet)
-            mbarrier.wait(ready.index(0), 0)
-            k0 = k_smem.index(0).reshape([BLOCK_N, D]).permute((1, 0))
-            s_tok = warpgroup_mma(q_s, k0, s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s_tok,))
-            n0 = _block_start(0, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
-            p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n0, (0 < c_edge) | (0 >= c_edge + c_int), st, en, span,
-                                            sink, q_pos, qk_scale, BLOCK_N, s_layout)
-            p = gl.convert_layout(p32.to(dtype), p_layout)
-
-        for t in range(1, T):
-            slot = t % STAGES
-            prev = (t - 1) % STAGES
-            mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-            k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))
-            s_tok = warpgroup_mma(q_s, k_t, s_zero, use_acc=False, is_async=True)
-            v_prev = v_smem.index(prev).reshape([BLOCK_N, D])
-            acc_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t done; P_{t-1} V_{t-1} may still run
-            n = _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
-            p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n, (t < c_edge) | (t >= c_edge + c_int), st, en, span,
-                                            sink, q_pos, qk_scale, BLOCK_N, s_layout)
-            acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-            mbarrier.arrive(empty.index(prev), count=1)  # this warpgroup is done with block t-1
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            p = gl.convert_layout(p32.to(dtype), p_layout)
-
-        if T > 0:
-            v_last = v_smem.index((T - 1) % STAGES).reshape([BLOCK_N, D])
-            acc_tok = warpgroup_mma(p, v_last, acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-
-        # --- padding rows and rows with nothing kept: zeros and lse -inf
-        ok = (rows < Nq) & (q_pos >= 0) & (off + rows < en) & (l_i > 0)
-        l_safe = gl.where(ok, l_i, 1.0)
-        inv = gl.convert_layout(gl.where(ok, 1.0 / l_safe, 0.0), row_o)
-        out = acc * gl.expand_dims(inv, 1)
-        rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
-        d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = (O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
-                  + gl.expand_dims(rows_o, 1) * son + gl.expand_dims(d_o, 0))
-        gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(rows_o < Nq, 1))
-        if WRITE_LSE:
-            lse = gl.where(ok, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-            gl.store(LSE + bh.to(gl.int64) * Nq + rows, lse, mask=rows < Nq)
-
-    @gluon.jit
-    def _hopper_fwd(O, LSE, SPAN, START, END, ORDER, QD, KD, VD,
-                    qk_scale, sink, Nq, Nk, Hq, G, BH, sob, soh, son,
-                    D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr):
-        ROWS: gl.constexpr = QD.block_type.shape[2]   # rows per consumer warpgroup (64)
-        BLOCK_M: gl.constexpr = 2 * ROWS
-        # --- which work item: last query blocks first, widest heads first inside a block
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(Nq, BLOCK_M)
-        mb = num_m - 1 - pid // BH
-        bh = gl.load(ORDER + pid % BH)
+    def _tile(tile, Nq, Nk, Hq, G, BH, START, END, SPAN, sink,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Work item number `tile` and the key blocks it visits: the ranges of kernels/prefill.py,
+        counted as c_sink sink blocks | leading edge up to c_edge | c_int interior | the diagonal
+        up to T. Items go last query block first, then (batch, head) in natural order: the
+        programs running side by side share a GQA group's K/V blocks in L2 (an order sorted by
+        window length was measured slower, BENCHMARKS.md)."""
+        mb = gl.cdiv(Nq, BLOCK_M) - 1 - tile // BH
+        bh = tile % BH
         b = bh // Hq
         h = bh % Hq
-        kvh = h // G
         st = gl.load(START + b).to(gl.int32)
         en = gl.load(END + b).to(gl.int32)
         span = gl.minimum(gl.load(SPAN + bh), Nk).to(gl.int32)
         off = Nk - Nq
         q_row = mb * BLOCK_M
-
-        # --- the key blocks this query block visits (same ranges as kernels/prefill.py)
         row_lo = gl.maximum(off + q_row, st)
         row_hi = gl.minimum(gl.minimum(off + q_row + BLOCK_M - 1, Nk - 1), en - 1)
         has_rows = row_lo <= row_hi
@@ -205,40 +111,170 @@ if HAVE_GLUON:
         c_edge = c_sink + gl.cdiv(i_lo - a, BLOCK_N)
         c_int = (i_hi - i_lo) // BLOCK_N
         T = c_edge + c_int + gl.maximum(gl.cdiv(win_hi - i_hi, BLOCK_N), 0)
+        return b, h, bh, q_row, st, en, span, off, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi
 
-        # --- shared memory: the two Q halves, a ring of STAGES K/V slots, their barriers
-        q_smem = gl.allocate_shared_memory(QD.dtype, [2] + QD.block_type.shape, QD.layout)
+    @gluon.jit
+    def _producer(QD, KD, VD, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                  Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr):
+        """One warp, over this program's tiles: TMA the tile's two 64-row Q halves into Q buffer
+        j % Q_BUFS, then its K/V blocks into the ring (global block counter g, slot g % STAGES), each
+        once both consumers have released what last used the buffer. It runs ahead into the next
+        tile while the consumers finish this one, so no tile waits for its first loads."""
+        g = 0
+        j = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            b, h, bh, q_row, st, en, span, off, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi = _tile(
+                tile, Nq, Nk, Hq, G, BH, START, END, SPAN, sink, BLOCK_M, BLOCK_N)
+            qb = j % Q_BUFS
+            # a fresh barrier counts as "phase 1 complete": the first waits on each pass at once
+            mbarrier.wait(q_empty.index(qb), ((j // Q_BUFS) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qb), 2 * QD.block_type.nbytes)
+            tma.async_copy_global_to_shared(QD, [b, h, q_row, 0], q_ready.index(qb), q_smem.index(2 * qb))
+            tma.async_copy_global_to_shared(QD, [b, h, q_row + QD.block_type.shape[2], 0], q_ready.index(qb),
+                                            q_smem.index(2 * qb + 1))
+            kvh = h // G
+            for t in range(T):
+                slot = (g + t) % STAGES
+                mbarrier.wait(empty.index(slot), (((g + t) // STAGES) & 1) ^ 1)
+                n = _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
+                bar = ready.index(slot)
+                mbarrier.expect(bar, KD.block_type.nbytes + VD.block_type.nbytes)
+                tma.async_copy_global_to_shared(KD, [b, kvh, n, 0], bar, k_smem.index(slot))
+                tma.async_copy_global_to_shared(VD, [b, kvh, n, 0], bar, v_smem.index(slot))
+            g += T
+            j += 1
+
+    @gluon.jit
+    def _consumer(O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                  Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles, qk_scale, sob, soh, son,
+                  HALF: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, Q_BUFS: gl.constexpr, WRITE_LSE: gl.constexpr):
+        """One warpgroup, over this program's tiles: rows [q_row + HALF*ROWS, +ROWS) of each."""
+        dtype: gl.constexpr = k_smem.dtype
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N, 4)   # S, P: [ROWS, BLOCK_N]
+        o_layout: gl.constexpr = _mma_layout(D, 4)         # O: [ROWS, D]
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+
+        g = 0
+        j = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            b, h, bh, q_row, st, en, span, off, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi = _tile(
+                tile, Nq, Nk, Hq, G, BH, START, END, SPAN, sink, 2 * ROWS, BLOCK_N)
+            r0 = q_row + HALF * ROWS
+            rows = r0 + gl.arange(0, ROWS, layout=row_s)
+            q_pos = off + rows - st
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+            l_i = gl.zeros([ROWS], gl.float32, row_s)
+            acc = gl.zeros([ROWS, D], gl.float32, o_layout)
+            p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+            qb = j % Q_BUFS
+            q_s = q_smem.index(2 * qb + HALF).reshape([ROWS, D])
+            mbarrier.wait(q_ready.index(qb), (j // Q_BUFS) & 1)
+
+            if T > 0:
+                # block 0: scores and softmax only (no P V yet)
+                mbarrier.wait(ready.index(g % STAGES), (g // STAGES) & 1)
+                k0 = k_smem.index(g % STAGES).reshape([BLOCK_N, D]).permute((1, 0))
+                s_tok = warpgroup_mma(q_s, k0, s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s_tok,))
+                n0 = _block_start(0, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
+                p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n0, (0 < c_edge) | (0 >= c_edge + c_int), st, en,
+                                                span, sink, q_pos, qk_scale, BLOCK_N, s_layout)
+                p = gl.convert_layout(p32.to(dtype), p_layout)
+
+            for t in range(1, T):
+                slot = (g + t) % STAGES
+                prev = (g + t - 1) % STAGES
+                mbarrier.wait(ready.index(slot), ((g + t) // STAGES) & 1)
+                k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))
+                s_tok = warpgroup_mma(q_s, k_t, s_zero, use_acc=False, is_async=True)
+                v_prev = v_smem.index(prev).reshape([BLOCK_N, D])
+                acc_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t done; P_{t-1} V_{t-1} may still run
+                n = _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
+                p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n, (t < c_edge) | (t >= c_edge + c_int), st, en,
+                                                span, sink, q_pos, qk_scale, BLOCK_N, s_layout)
+                acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+                mbarrier.arrive(empty.index(prev), count=1)  # this warpgroup is done with block t-1
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                p = gl.convert_layout(p32.to(dtype), p_layout)
+
+            if T > 0:
+                last = (g + T - 1) % STAGES
+                acc_tok = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, D]), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+                mbarrier.arrive(empty.index(last), count=1)
+            mbarrier.arrive(q_empty.index(qb), count=1)  # every S of this tile is done with Q
+            g += T
+            j += 1
+
+            # --- padding rows and rows with nothing kept: zeros and lse -inf
+            ok = (rows < Nq) & (q_pos >= 0) & (off + rows < en) & (l_i > 0)
+            l_safe = gl.where(ok, l_i, 1.0)
+            inv = gl.convert_layout(gl.where(ok, 1.0 / l_safe, 0.0), row_o)
+            out = acc * gl.expand_dims(inv, 1)
+            rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
+            d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+            o_ptrs = (O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+                      + gl.expand_dims(rows_o, 1) * son + gl.expand_dims(d_o, 0))
+            gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(rows_o < Nq, 1))
+            if WRITE_LSE:
+                lse = gl.where(ok, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+                gl.store(LSE + bh.to(gl.int64) * Nq + rows, lse, mask=rows < Nq)
+
+    @gluon.jit
+    def _hopper_fwd(O, LSE, SPAN, START, END, QD, KD, VD,
+                    qk_scale, sink, Nq, Nk, Hq, G, BH, sob, soh, son,
+                    D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
+                    WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        """Persistent: program p runs tiles p, p + #programs, ... of the (query block, head) list."""
+        ROWS: gl.constexpr = QD.block_type.shape[2]   # rows per consumer warpgroup (64)
+        BLOCK_M: gl.constexpr = 2 * ROWS
+        num_tiles = gl.cdiv(Nq, BLOCK_M) * BH
+        # shared memory: Q of Q_BUFS tiles (two halves each), a ring of STAGES K/V slots, barriers
+        q_smem = gl.allocate_shared_memory(QD.dtype, [2 * Q_BUFS] + QD.block_type.shape, QD.layout)
         k_smem = gl.allocate_shared_memory(KD.dtype, [STAGES] + KD.block_type.shape, KD.layout)
         v_smem = gl.allocate_shared_memory(VD.dtype, [STAGES] + VD.block_type.shape, VD.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(Q_BUFS):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(empty.index(i), count=2)
 
         gl.warp_specialize([
-            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, ready, empty, b, h, bh, q_row, 0,
-                         T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi,
-                         st, en, span, sink, off, Nq, qk_scale, sob, soh, son, D, ROWS, BLOCK_N, STAGES, WRITE_LSE)),
-            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, ready, empty, b, h, bh, q_row, 1,
-                         T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi,
-                         st, en, span, sink, off, Nq, qk_scale, sob, soh, son, D, ROWS, BLOCK_N, STAGES, WRITE_LSE)),
-            (_producer, (QD, KD, VD, q_smem, k_smem, v_smem, q_bar, ready, empty, b, h, kvh, q_row,
-                         T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N, STAGES)),
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                         Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles, qk_scale, sob, soh, son,
+                         0, D, ROWS, BLOCK_N, STAGES, Q_BUFS, WRITE_LSE)),
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                         Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles, qk_scale, sob, soh, son,
+                         1, D, ROWS, BLOCK_N, STAGES, Q_BUFS, WRITE_LSE)),
+            (_producer, (QD, KD, VD, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                         Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles, BLOCK_M, BLOCK_N, STAGES, Q_BUFS)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
 # ----------------------------------------------------------------------------- launcher
 
-# (BLOCK_N, STAGES) by head_dim; a program is 2 consumer warpgroups of 64 query rows each.
-# From the H100 sweep in BENCHMARKS.md: 128-key blocks with 3 stages win wherever windows are
-# wide (dense 16k-32k: 0.95-1.03x cuDNN's time); layers of narrow windows (mean < 0.2 N) lose
-# less at the window edges with 64-key blocks.
-CONFIG = {128: (128, 3), 64: (128, 4)}
-NARROW_CONFIG = {128: (64, 4), 64: (64, 6)}
+# (BLOCK_N, STAGES, Q_BUFS) by head_dim; a program is 2 consumer warpgroups of 64 query rows.
+# From the H100 sweeps in BENCHMARKS.md: 128-key blocks with 3 stages beat 64-key blocks with
+# 4-5 stages on every case, narrow windows included (the edge blocks cost less than the extra
+# barrier round trips); at head_dim 128 that fills shared memory with one Q buffer.
+CONFIG = {128: (128, 3, 1), 64: (128, 4, 2)}
 ROWS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supported(q, k, v) -> bool:
@@ -253,18 +289,21 @@ def supported(q, k, v) -> bool:
                for t in (q, k, v))
 
 
-def hopper_prefill(q, k, v, span, start, end, sink: int, scale: float, out, lse, order, write_lse: bool,
+def hopper_prefill(q, k, v, span, start, end, sink: int, scale: float, out, lse, write_lse: bool,
+                   persistent: bool = True,
                    config=None, consumer_regs: int = 232, maxnreg: int = 168):
     """Launch on checked, prepared arguments (kernels/prefill.py:sparse_attention_prefill does that).
 
     q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D] (bf16/fp16, unit last stride, 16-B aligned), span int64
     [B,Hq], start/end int64 [B], out [B,Hq,Nq,D], lse fp32 [B,Hq,Nq] (or any tensor when not
-    write_lse), order int32 [B*Hq] (launch order of the (batch, head) pairs).
-    config: (BLOCK_N, STAGES); registers: per consumer thread after the producer gives its up.
+    write_lse). persistent: one program per SM,
+    each looping over work items round-robin (the producer loads the next item's blocks while
+    the consumers finish this one); False: one program per work item, scheduled by the GPU.
+    config: (BLOCK_N, STAGES, Q_BUFS); registers: per consumer thread after the producer gives its up.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    bn, stages = config or CONFIG[D]
+    bn, stages, q_bufs = config or CONFIG[D]
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 
     def desc(t, rows):
@@ -272,9 +311,10 @@ def hopper_prefill(q, k, v, span, start, end, sink: int, scale: float, out, lse,
         return TensorDescriptor(t, list(t.shape), list(t.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gdt))
 
     BH = B * Hq
-    grid = (triton.cdiv(Nq, 2 * ROWS) * BH,)
-    _hopper_fwd[grid](out, lse, span, start, end, order, desc(q, ROWS), desc(k, bn), desc(v, bn),
+    num_tiles = triton.cdiv(Nq, 2 * ROWS) * BH
+    grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
+    _hopper_fwd[grid](out, lse, span, start, end, desc(q, ROWS), desc(k, bn), desc(v, bn),
                       scale * LOG2E, int(sink), Nq, Nk, Hq, Hq // Hkv, BH, out.stride(0), out.stride(1), out.stride(2),
-                      D=D, BLOCK_N=bn, STAGES=stages, WRITE_LSE=write_lse, CONSUMER_REGS=consumer_regs,
+                      D=D, BLOCK_N=bn, STAGES=stages, Q_BUFS=q_bufs, WRITE_LSE=write_lse, CONSUMER_REGS=consumer_regs,
                       num_warps=4, maxnreg=maxnreg)
     return out

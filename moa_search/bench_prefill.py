@@ -55,7 +55,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-dense", action="store_true", help="skip the all-dense case")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles for each length)")
     p.add_argument("--variants", action="store_true",
-                   help="also time the kernel with programs in natural head order instead of widest first")
+                   help="also time the Triton kernel with programs in natural head order instead of widest first, "
+                        "and (Gluon, sm_90) the kernel with one program per work item instead of one per SM")
     p.add_argument("--tma-variant", action="store_true",
                    help="also time the Triton kernel with K/V loaded through pointers instead of tensor descriptors (TMA)")
     p.add_argument("--no-triton", action="store_true",
@@ -267,7 +268,10 @@ def run(args) -> int:
                     q, k, v, sink, span, scale=scale, width=width, use_gluon=False)
             if args.variants:
                 methods["kernel-natural-order"] = lambda: prefill.sparse_attention_prefill(
-                    q, k, v, sink, span, scale=scale, sort_heads=False, width=width)
+                    q, k, v, sink, span, scale=scale, sort_heads=False, width=width, use_gluon=False if hopper else None)
+                if hopper:
+                    methods["kernel-per-item"] = lambda: prefill.sparse_attention_prefill(
+                        q, k, v, sink, span, scale=scale, width=width, persistent=False)
             if args.tma_variant:
                 methods["kernel-pointers"] = lambda: prefill.sparse_attention_prefill(
                     q, k, v, sink, span, scale=scale, use_tma=False, width=width, use_gluon=False)

@@ -1,5 +1,11 @@
-"""Check and time kernels/prefill_hopper.py against kernels/prefill.py and SDPA (GPU machine)."""
-import json, os, sys, time
+"""Check and time configurations of kernels/prefill_hopper.py beside the Triton kernel and SDPA
+(GPU machine, sm_90). Each configuration is first checked in bf16 (and fp16) against the float32
+reference on a padded GQA batch, then timed on the llama3-8b attention shape. Rows go to stdout
+and $OUT/hopper_probe.jsonl.
+
+    python scripts/hopper_probe.py "128,3,1;64,4,2" 16384,32768    # (BLOCK_N, STAGES, Q_BUFS);...
+"""
+import json, os, sys
 import numpy as np, torch, triton
 from moa_search.bench_prefill import hetero_spans, resolve_shape, uniform_spans
 from moa_search.kernels import prefill, prefill_hopper as PH
@@ -14,8 +20,7 @@ def run_h(q, k, v, sink, span, st, en, cfg, lse=False):
     B, Hq, Nq, D = q.shape
     out = torch.full_like(q, float("nan"))
     l = torch.full((B, Hq, Nq), float("nan"), device=q.device) if lse else out
-    order = torch.argsort(span.flatten(), descending=True, stable=True).to(torch.int32)
-    PH.hopper_prefill(q, k, v, span, st, en, sink, q.shape[-1] ** -0.5, out, l, order, lse, config=cfg)
+    PH.hopper_prefill(q, k, v, span, st, en, sink, q.shape[-1] ** -0.5, out, l, lse, config=cfg)
     return (out, l) if lse else out
 
 def check(cfg, D=128, dtype=torch.bfloat16, Nq=None):
@@ -33,7 +38,7 @@ def check(cfg, D=128, dtype=torch.bfloat16, Nq=None):
     lerr = float((l[fin] - rl[fin]).abs().max()) if fin.any() else 0.0
     return err, lerr, bool(torch.isnan(o).any()), bool((torch.isfinite(l) != fin).any())
 
-cfgs = [tuple(map(int, c.split(","))) for c in (sys.argv[1].split(";") if len(sys.argv) > 1 else ["64,3"])]
+cfgs = [tuple(map(int, c.split(","))) for c in (sys.argv[1].split(";") if len(sys.argv) > 1 else ["128,3,1"])]
 lengths = [int(x) for x in (sys.argv[2].split(",") if len(sys.argv) > 2 else ["16384", "32768"])]
 for cfg in cfgs:
     for D in (128, 64):
@@ -61,13 +66,13 @@ for N in lengths:
         dens = float(np.mean(R.compute_density(sink, np.asarray(sp), N)))
         span = torch.tensor(np.asarray(sp), device="cuda").view(1, Hq)
         ideal = dens * t_sdpa
-        t = bench(lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, use_gluon=False) if "use_gluon" in prefill.sparse_attention_prefill.__code__.co_varnames else prefill.sparse_attention_prefill(q, k, v, sink, span))
+        t = bench(lambda: prefill.sparse_attention_prefill(q, k, v, sink, span, use_gluon=False))
         emit(kind="time", N=N, case=case, method="triton", ms=t, x_ideal=t / ideal, density=dens)
         st = torch.zeros(1, dtype=torch.long, device="cuda"); en = torch.full((1,), N, dtype=torch.long, device="cuda")
-        out = torch.empty_like(q); order = torch.argsort(span.flatten(), descending=True, stable=True).to(torch.int32)
+        out = torch.empty_like(q)
         for cfg in cfgs:
             try:
-                t = bench(lambda: PH.hopper_prefill(q, k, v, span, st, en, sink, D ** -0.5, out, out, order, False, config=cfg))
+                t = bench(lambda: PH.hopper_prefill(q, k, v, span, st, en, sink, D ** -0.5, out, out, False, config=cfg))
                 emit(kind="time", N=N, case=case, method=f"gluon{cfg}", ms=t, x_ideal=t / ideal)
             except Exception as e:
                 emit(kind="time", N=N, case=case, method=f"gluon{cfg}", error=f"{type(e).__name__}: {str(e)[:300]}")

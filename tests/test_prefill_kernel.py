@@ -205,8 +205,8 @@ def _hopper_or_skip():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("width", [None, 0.1])  # wide-layer and narrow-layer block shapes
-def test_gpu_hopper_kernel_padding_gqa_tails(dtype, d, width):
+@pytest.mark.parametrize("persistent", [True, False])  # one program per SM / per work item
+def test_gpu_hopper_kernel_padding_gqa_tails(dtype, d, persistent):
     prefill = _prefill()
     _hopper_or_skip()
     n = 3000  # no multiple of any block: tails in queries and keys
@@ -215,7 +215,7 @@ def test_gpu_hopper_kernel_padding_gqa_tails(dtype, d, width):
     span[0, :3] = torch.tensor([1, 5, n])  # one-token window, tiny window, full span
     before = prefill.CALLS["gluon"]
     o, _ = _run_and_compare(q, k, v, 64, span, torch.tensor([1000, 0]).cuda(), torch.tensor([n, 2900]).cuda(),
-                            width=width)
+                            persistent=persistent)
     assert prefill.CALLS["gluon"] == before + 1, "the sm_90 prefill did not take the Gluon kernel"
     assert (o[0, :, :1000] == 0).all() and (o[1, :, 2900:] == 0).all()
 
