@@ -41,8 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import prefill_hopper
-
 LOG2E = 1.4426950408889634
 
 # How many times the kernel ran (the dispatch tests read it; host side only).
@@ -117,6 +115,37 @@ def _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, st, en, s, sink
 
 
 @triton.jit
+def _key_blocks(q_first, q_last, st, en, s, sink, Nk, BLOCK_N: tl.constexpr):
+    """The key blocks that query rows [q_first, q_last] (absolute) visit, for one (sequence, head).
+
+    Returns (sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag): c_sink sink blocks from sink_lo,
+    leading-edge blocks from a up to i_lo (c_edge counts sink + edge), interior blocks
+    [i_lo, i_hi), then c_diag diagonal/padding blocks from i_hi. Only the interior needs no
+    token mask. Also the Gluon kernel's (kernels/prefill_hopper.py): one definition of the set.
+    """
+    # the real rows of this block and the key ranges they keep
+    row_lo = tl.maximum(q_first, st)
+    row_hi = tl.minimum(tl.minimum(q_last, Nk - 1), en - 1)
+    has_rows = row_lo <= row_hi
+    win_lo = tl.maximum(st, row_lo - s + 1)              # first key of the first row's window
+    a = (win_lo // BLOCK_N) * BLOCK_N                    # first window block
+    win_hi = tl.where(has_rows, tl.minimum(row_hi + 1, en), a)  # one past the last kept key
+    # interior: every real row keeps every key of the block
+    i_lo = tl.cdiv(tl.maximum(st, row_hi - s + 1), BLOCK_N) * BLOCK_N
+    i_hi = (tl.minimum(en, row_lo + 1) // BLOCK_N) * BLOCK_N
+    no_interior = i_lo >= i_hi
+    i_lo = tl.where(no_interior, a, i_lo)
+    i_hi = tl.where(no_interior, a, i_hi)
+    # sink blocks strictly left of the window's first block (the rest is masked in the window)
+    sink_lo = (st // BLOCK_N) * BLOCK_N
+    sink_hi = tl.where(has_rows & (sink > 0), tl.minimum(tl.minimum(st + sink, win_hi), a), sink_lo)
+    c_sink = tl.cdiv(sink_hi - sink_lo, BLOCK_N)
+    c_edge = c_sink + tl.cdiv(i_lo - a, BLOCK_N)
+    c_diag = tl.maximum(tl.cdiv(win_hi - i_hi, BLOCK_N), 0)
+    return sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag
+
+
+@triton.jit
 def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
                  qk_scale, sink, Nq, Nk, Hq, G, BH,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -145,22 +174,9 @@ def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
     v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
     q = tl.load(q_base + rows[:, None] * sqn + d[None, :], mask=(rows < Nq)[:, None], other=0.0)
 
-    # --- the real rows of this block and the key ranges they keep (absolute key indices)
-    row_lo = tl.maximum(off + mb * BLOCK_M, st)
-    row_hi = tl.minimum(tl.minimum(off + mb * BLOCK_M + BLOCK_M - 1, Nk - 1), en - 1)
-    has_rows = row_lo <= row_hi
-    win_lo = tl.maximum(st, row_lo - s + 1)              # first key of the first row's window
-    a = (win_lo // BLOCK_N) * BLOCK_N                    # first window block
-    win_hi = tl.where(has_rows, tl.minimum(row_hi + 1, en), a)  # one past the last kept key
-    # interior: every real row keeps every key of the block
-    i_lo = tl.cdiv(tl.maximum(st, row_hi - s + 1), BLOCK_N) * BLOCK_N
-    i_hi = (tl.minimum(en, row_lo + 1) // BLOCK_N) * BLOCK_N
-    no_interior = i_lo >= i_hi
-    i_lo = tl.where(no_interior, a, i_lo)
-    i_hi = tl.where(no_interior, a, i_hi)
-    # sink blocks strictly left of the window's first block (the rest is masked in the window)
-    sink_lo = (st // BLOCK_N) * BLOCK_N
-    sink_hi = tl.where(has_rows & (sink > 0), tl.minimum(tl.minimum(st + sink, win_hi), a), sink_lo)
+    # --- the key blocks this query block visits (absolute key indices)
+    sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag = _key_blocks(
+        off + mb * BLOCK_M, off + mb * BLOCK_M + BLOCK_M - 1, st, en, s, sink, Nk, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -168,9 +184,7 @@ def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
     # Two software-pipelined loops: every masked block (sink | window edge | diagonal, in that
     # order of t), then the interior. Online softmax does not care about the visiting order,
     # and each extra loop would cost a pipeline fill and drain per program.
-    c_sink = tl.cdiv(sink_hi - sink_lo, BLOCK_N)
-    c_edge = c_sink + tl.cdiv(i_lo - a, BLOCK_N)
-    c_all = c_edge + tl.maximum(tl.cdiv(win_hi - i_hi, BLOCK_N), 0)
+    c_all = c_edge + c_diag
     for t in range(0, c_all):
         n = tl.where(t < c_sink, sink_lo + t * BLOCK_N,
                      tl.where(t < c_edge, a + (t - c_sink) * BLOCK_N, i_hi + (t - c_edge) * BLOCK_N))
@@ -384,3 +398,6 @@ def prefill_backend(q, k, v, sink, span, start, end, scale, width=None):
 
 
 __all__ = ["sparse_attention_prefill", "prefill_backend", "CALLS"]
+
+# the Gluon kernel imports _key_blocks from here; the launcher above dispatches to it
+from . import prefill_hopper  # noqa: E402

@@ -37,10 +37,10 @@ try:  # Gluon is experimental and GPU-only; the package must import without it
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-LOG2E = 1.4426950408889634
-
+from .prefill import LOG2E, _key_blocks as _key_blocks_tl
 
 if HAVE_GLUON:
+    _key_blocks = gluon.jit(_key_blocks_tl.fn)  # the Triton kernel's block ranges, compiled as Gluon
 
     @gluon.constexpr_function
     def _mma_layout(n, num_warps):
@@ -94,23 +94,10 @@ if HAVE_GLUON:
         span = gl.minimum(gl.load(SPAN + bh), Nk).to(gl.int32)
         off = Nk - Nq
         q_row = mb * BLOCK_M
-        row_lo = gl.maximum(off + q_row, st)
-        row_hi = gl.minimum(gl.minimum(off + q_row + BLOCK_M - 1, Nk - 1), en - 1)
-        has_rows = row_lo <= row_hi
-        win_lo = gl.maximum(st, row_lo - span + 1)
-        a = (win_lo // BLOCK_N) * BLOCK_N
-        win_hi = gl.where(has_rows, gl.minimum(row_hi + 1, en), a)
-        i_lo = gl.cdiv(gl.maximum(st, row_hi - span + 1), BLOCK_N) * BLOCK_N
-        i_hi = (gl.minimum(en, row_lo + 1) // BLOCK_N) * BLOCK_N
-        no_interior = i_lo >= i_hi
-        i_lo = gl.where(no_interior, a, i_lo)
-        i_hi = gl.where(no_interior, a, i_hi)
-        sink_lo = (st // BLOCK_N) * BLOCK_N
-        sink_hi = gl.where(has_rows & (sink > 0), gl.minimum(gl.minimum(st + sink, win_hi), a), sink_lo)
-        c_sink = gl.cdiv(sink_hi - sink_lo, BLOCK_N)
-        c_edge = c_sink + gl.cdiv(i_lo - a, BLOCK_N)
+        sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag = _key_blocks(
+            off + q_row, off + q_row + BLOCK_M - 1, st, en, span, sink, Nk, BLOCK_N)
         c_int = (i_hi - i_lo) // BLOCK_N
-        T = c_edge + c_int + gl.maximum(gl.cdiv(win_hi - i_hi, BLOCK_N), 0)
+        T = c_edge + c_int + c_diag
         return b, h, bh, q_row, st, en, span, off, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi
 
     @gluon.jit
