@@ -293,7 +293,8 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
                              num_warps: int = 4, num_stages: int = 2, out=None, lse_out=None,
                              sort_heads: bool = True, use_tma: bool | None = None, maxnreg: int | None = None,
                              width: float | None = None, use_gluon: bool | None = None, persistent: bool = True):
-    """Sink + window attention with the Triton kernel (contract: kernels/__init__.py).
+    """Sink + window attention with the Triton kernel, or on sm_90 the Gluon one (contract:
+    kernels/__init__.py).
 
     q [B,Hq,Nq,D] (bf16/fp16/fp32), k/v [B,Hkv,Nk,D], span int64 [B,Hq], start/end int64 [B].
     Returns out [B,Hq,Nq,D] in q's dtype, and lse [B,Hq,Nq] float32 (natural log) if
@@ -305,8 +306,9 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     Gluon kernel always runs heads in natural order (GQA groups side by side share K/V in L2).
     use_tma: load K/V blocks with tensor descriptors. None: wherever the GPU and the
     tensors' alignment allow it (Hopper+); False: pointers.
-    width: the mean window / Nk, if the caller knows it on the host; layers of narrow windows
-    get their own block shape (smaller blocks waste less at the window edges).
+    width: the mean window / Nk, if the caller knows it on the host; for the Triton kernel,
+    layers of narrow windows get their own autotuned block shape (64-row blocks waste less at
+    the window edges). The Gluon kernel has one shape (narrower ones measured slower).
     use_gluon: run the warp-specialized Hopper kernel (kernels/prefill_hopper.py). None: on
     sm_90 for bf16/fp16 prefill (more than 16 query rows) with aligned q/k/v and no pinned block
     shape; False: always this file's Triton kernel. persistent: the Gluon kernel's schedule
@@ -362,7 +364,7 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     if sort_heads:
         order = torch.argsort(span.flatten(), descending=True, stable=True).to(torch.int32)
     else:
-        order = torch.arange(B * Hq, dtype=torch.int32, device=dev)
+        order = torch.arange(BH, dtype=torch.int32, device=dev)
     if use_tma is None:
         use_tma = not _interpreted() and _tma_ok(k, v)
     elif use_tma and not _interpreted() and not _tma_ok(k, v):  # the interpreter emulates descriptors anywhere
