@@ -1,0 +1,58 @@
+"""How much of the prefill kernel's work is waste at the window edges (CPU, no GPU needed).
+
+For every (query block, head) work item of `moa bench prefill`'s synthetic cases, counts the key
+blocks the kernels visit, with the kernels' own `_key_blocks` (run under the Triton
+interpreter), and compares the computed (row, key) pairs with the kept ones (moa_search.rules):
+
+    python scripts/block_waste.py --lengths 16384,32768 --block 128
+"""
+import argparse
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: _key_blocks runs on the CPU
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from moa_search import rules as R  # noqa: E402
+from moa_search.bench_prefill import hetero_spans, resolve_shape, uniform_spans  # noqa: E402
+from moa_search.kernels.prefill import _key_blocks  # noqa: E402
+
+
+@triton.jit
+def _count(SPAN, OUT, sink, N, BLOCK: tl.constexpr):
+    mb = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.minimum(tl.load(SPAN + h), N)
+    sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag = _key_blocks(mb * BLOCK, mb * BLOCK + BLOCK - 1, 0, N, s, sink,
+                                                                 N, BLOCK)
+    c_int = (i_hi - i_lo) // BLOCK
+    tl.store(OUT + (h * tl.num_programs(0) + mb) * 2, c_edge + c_int + c_diag)
+    tl.store(OUT + (h * tl.num_programs(0) + mb) * 2 + 1, c_edge + c_diag)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="16384,32768")
+    ap.add_argument("--block", type=int, default=128, help="query and key block size (the Gluon kernel's: 128)")
+    ap.add_argument("--sink", type=int, default=64)
+    args = ap.parse_args()
+    shape = resolve_shape("llama3-8b")
+    print("    N | case         | kept / computed | masked blocks | blocks per item")
+    for n in (int(x) for x in args.lengths.split(",")):
+        for d in (0.5, 0.25):
+            for name, sp in ((f"hetero {d:g}", hetero_spans(shape, args.sink, n, d)),
+                             (f"uniform {d:g}", uniform_spans(shape, args.sink, n, d))):
+                num_m = triton.cdiv(n, args.block)
+                out = torch.zeros(len(sp), num_m, 2, dtype=torch.int32)
+                _count[(num_m, len(sp))](torch.as_tensor(sp), out, args.sink, n, BLOCK=args.block)
+                blocks, masked = int(out[..., 0].sum()), int(out[..., 1].sum())
+                kept = float(np.sum(R.kept_pairs(args.sink, sp, n)))
+                print(f"{n:5d} | {name:<12} | {kept / (blocks * args.block ** 2):15.3f} | {masked / blocks:13.3f} | "
+                      f"{blocks / out[..., 0].numel():15.1f}")
+
+
+if __name__ == "__main__":
+    main()
