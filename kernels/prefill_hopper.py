@@ -1,24 +1,28 @@
 """Hopper prefill kernel (Gluon): the block-sparse sink + window forward of kernels/prefill.py,
-written with explicit TMA, mbarriers and asynchronous warpgroup MMAs so that the softmax of one
-key block runs while the tensor cores multiply the previous block's P by V.
+written with explicit TMA, mbarriers, warp specialization and asynchronous warpgroup MMAs so
+that the softmax of one key block runs while the tensor cores multiply the previous block's P
+by V.
 
-Same contract, same visited blocks, same token masks as kernels/prefill.py (read that file's
-docstring first); the oracle is kernels/reference.py. What differs is the schedule inside one
-program (BLOCK_M query rows, one warpgroup per 64 rows):
+Same contract, same visited blocks (kernels/prefill.py:_key_blocks, compiled into this kernel
+too), same token masks; the oracle is kernels/reference.py. What differs is the schedule. One
+persistent program per SM loops over (query block of 128 rows, batch * head) work items, last
+query blocks first. Inside it, three partitions talk through mbarriers:
 
-    prologue   TMA K/V blocks 0 .. STAGES-1 into a ring of shared-memory slots
-               S0 = Q K0^T; softmax(S0) -> P0
-    block t    S_t = Q K_t^T            (issued, async)
-               O  += P_{t-1} V_{t-1}    (issued, async)
-               wait for S_t only  ->  softmax(S_t) -> P_t, alpha_t   (while P V runs)
-               wait for P V; refill the freed slot with block t-1+STAGES; O *= alpha_t
-    epilogue   O += P_last V_last; O / l
+    producer     1 warp: TMA the item's Q (two 64-row halves), then its K/V blocks into a
+                 ring of STAGES shared-memory slots, each once both consumers released it;
+                 it runs on into the next item while the consumers finish this one
+    consumer x2  1 warpgroup each, 64 query rows of the item:
+                   S0 = Q K0^T; softmax(S0) -> P0
+                   block t:  issue S_t = Q K_t^T and O += P_{t-1} V_{t-1} (async);
+                             wait for S_t only -> softmax(S_t) -> P_t   (while P V runs)
+                             wait for P V, release slot t-1, O *= alpha_t
+                   O += P_last V_last; O / l; store O (and the row log-sum-exp)
 
 Triton's own pipeliner on kernels/prefill.py waits for every MMA before the softmax (profiled on
-the H100: the tensor pipe idles ~45% of the time); this schedule is FlashAttention-3's
-"intra-warpgroup overlap". GPU only (sm_90+, bf16/fp16, head_dim 64/128, 16-byte aligned K/V):
-no interpreter for Gluon, so the CPU suite checks kernels/prefill.py and the GPU suite checks
-this kernel against the same reference.
+the H100: its tensor pipe is busy 57% of the time on a dense layer; this kernel's 73%); this is
+FlashAttention-3's producer/consumer structure with its intra-warpgroup overlap. sm_90 only
+(bf16/fp16, head_dim 64/128, 16-byte aligned q/k/v): Gluon has no interpreter, so the CPU suite
+checks kernels/prefill.py and the GPU suite checks this kernel against the same reference.
 """
 from __future__ import annotations
 
