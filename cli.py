@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -222,22 +223,27 @@ def parse_device_map(value):
 def load_model(path: str, device: str | None = None, dtype: str = "auto", device_map=None, tokenizer: bool = True):
     """(model, tokenizer) from a checkpoint directory, in eval mode.
 
-    device: one device for the whole model (default cuda if available). device_map: a
+    device: one device for the whole model (default: this rank's GPU if there is one). device_map: a
     strategy ("auto", ...) or {module name: device} for accelerate to place the layers
     (one of the two). The plan's rules and the profiler follow each layer's own device.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moa_search import distributed
+
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     if device_map is not None:
         if device is not None:
             raise SystemExit("give --device or --device-map, not both")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("--device-map shards one model over this host's GPUs; under torchrun each rank "
+                             "holds a whole model on its own GPU (use one or the other)")
         if importlib.util.find_spec("accelerate") is None:  # transformers places the layers with it
             raise SystemExit("--device-map needs the accelerate package: pip install accelerate")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map).eval()
     else:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or distributed.default_device()   # cuda:LOCAL_RANK under torchrun
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     if not tokenizer:
         return model, None

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moa_search import distributed
 from moa_search.apply import input_device
 from moa_search.plan import PlanError
 
@@ -137,14 +138,56 @@ def _newline_stop(tokenizer, prompt_len: int):
     return AnswerLineEnded()
 
 
+def _answers_key(prompts: list[list[int]], max_new_tokens: int, batch_size: int, stop_at_newline: bool,
+                 run_tag: str) -> str:
+    """What a checkpoint of answers belongs to: the prompts' tokens and the answering settings."""
+    h = hashlib.sha256(json.dumps([max_new_tokens, batch_size, bool(stop_at_newline), run_tag]).encode())
+    for ids in prompts:
+        h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()[:16]
+
+
+def _load_answers(path, key: str) -> dict[int, list[int]]:
+    """Answers kept by an interrupted run with the same key ({} when none or another run's)."""
+    if path is None or not Path(path).exists():
+        return {}
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("key") != key:
+        if distributed.info()[0] == 0:
+            print(f"moa calibrate: {path} holds the answers of another run (other prompts, model or settings); "
+                  "answering from the start", file=sys.stderr)
+        return {}
+    answers = {int(i): toks for i, toks in saved["answers"].items()}
+    if distributed.info()[0] == 0:
+        print(f"moa calibrate: resuming with {len(answers)} answer(s) kept in {path}", file=sys.stderr)
+    return answers
+
+
+def _save_answers(path, key: str, answers: dict[int, list[int]]) -> None:
+    from moa_search.plan import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"key": key, "answers": {str(i): t for i, t in sorted(answers.items())}}))
+
+
 def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 24, batch_size: int = 1,
-                     progress: bool = True, stop_at_newline: bool | None = None, max_positions: int | None = None):
+                     progress: bool = True, stop_at_newline: bool | None = None, max_positions: int | None = None,
+                     checkpoint=None, checkpoint_every: int = 4, run_tag: str = ""):
     """The model's greedy answers to items -> a calibration `datasets.Dataset` (see module doc).
 
     items: dicts with "prompt" and optionally "id", "task", "length", "depth", "reference".
     Batched longest-first with left padding. stop_at_newline: default True for tokenizers
     without a chat template. max_positions: refuse prompts + max_new_tokens beyond it
     (default: model.config.max_position_embeddings). Items with an empty answer are dropped.
+
+    Under torchrun the batches are dealt out to the ranks (the same batches as in one
+    process, so the answers are the same) and every rank gets all answers back.
+    checkpoint: a JSON file that keeps the answers so far, written by rank 0 after every
+    `checkpoint_every` batches per rank; a rerun with the same prompts, settings and
+    run_tag (e.g. the model's path and dtype) answers only what is missing.
     """
     import datasets
     import torch
@@ -172,23 +215,37 @@ def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 
         prompts.append(ids)
 
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-    answers: dict[int, list[int]] = {}
+    batches = [order[b: b + batch_size] for b in range(0, len(order), batch_size)]
+    rank, world = distributed.info()
+    key = _answers_key(prompts, max_new_tokens, batch_size, stop_at_newline, run_tag)
+    answers = _load_answers(checkpoint, key)
+    todo = [idx for idx in batches if not all(i in answers for i in idx)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        bar = tqdm(total=len(items), desc="answering", unit="item", disable=not progress)
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            enc = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
-            enc = {k: v.to(input_device(model)) for k, v in enc.items()}
-            stop = [_newline_stop(tokenizer, enc["input_ids"].shape[1])] if stop_at_newline else []
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                     top_p=None, top_k=None, pad_token_id=pad_id, stopping_criteria=stop)
-            new = out[:, enc["input_ids"].shape[1]:].tolist()
-            for i, toks in zip(idx, new):
-                answers[i] = _trim(toks, tokenizer, eos, stop_at_newline)
-            bar.update(len(idx))
+        bar = tqdm(total=len(items), initial=len(items) - sum(map(len, todo)), desc="answering", unit="item",
+                   disable=not progress or rank != 0)
+        chunk = max(1, checkpoint_every) * world
+        for c in range(0, len(todo), chunk):
+            mine = {}
+            for idx in todo[c + rank: c + chunk: world]:
+                enc = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
+                enc = {k: v.to(input_device(model)) for k, v in enc.items()}
+                stop = [_newline_stop(tokenizer, enc["input_ids"].shape[1])] if stop_at_newline else []
+                with torch.no_grad():
+                    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                         top_p=None, top_k=None, pad_token_id=pad_id, stopping_criteria=stop)
+                new = out[:, enc["input_ids"].shape[1]:].tolist()
+                for i, toks in zip(idx, new):
+                    mine[i] = _trim(toks, tokenizer, eos, stop_at_newline)
+                if world == 1:
+                    bar.update(len(idx))
+            for part in distributed.gather(mine):
+                answers.update(part)
+            if world > 1:
+                bar.update(sum(map(len, todo[c: c + chunk])))
+            if checkpoint is not None and rank == 0:
+                _save_answers(checkpoint, key, answers)
         bar.close()
     finally:
         tokenizer.padding_side = side
@@ -208,7 +265,7 @@ def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 
             "answer": tokenizer.decode(ans, skip_special_tokens=True),
             "input_ids": ids, "response_start": len(prompts[n]), "response_end": len(ids), "n_tokens": len(ids),
         })
-    if dropped:
+    if dropped and rank == 0:
         print(f"moa calibrate: dropped {len(dropped)} item(s) whose answer was empty: {', '.join(dropped[:10])}"
               + (" ..." if len(dropped) > 10 else ""), file=sys.stderr)
     if not rows:
@@ -305,8 +362,10 @@ def save_calibration(ds, out, meta: dict, overwrite: bool = False) -> Path:
 
 def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | None = None,
               per_length: int | None = None, seed: int = 0, max_new_tokens: int = 24, batch_size: int = 1,
-              progress: bool = True, model_name: str = ""):
-    """Build prompts from `source`, answer them with the model -> (dataset, meta dict)."""
+              progress: bool = True, model_name: str = "", checkpoint=None, checkpoint_every: int = 4):
+    """Build prompts from `source`, answer them with the model -> (dataset, meta dict).
+
+    checkpoint: file keeping the answers of an unfinished run (see generate_answers)."""
     from moa_search.calibration_data import sources, tasks
     from moa_search.plan import ModelShape, provenance
 
@@ -320,12 +379,15 @@ def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | No
                                truncate_middle=middle_truncator(tokenizer))
     except sources.SourceError as e:
         raise CalibrationError(str(e)) from None
+    first = distributed.info()[0] == 0
     for reason, n in prep.skipped.items():
-        print(f"moa calibrate: skipped {n} record(s): {reason}", file=sys.stderr)
+        if first:
+            print(f"moa calibrate: skipped {n} record(s): {reason}", file=sys.stderr)
     ds = generate_answers(model, tokenizer, prep.items, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          progress=progress, max_positions=max_pos)
+                          progress=progress, max_positions=max_pos, checkpoint=checkpoint,
+                          checkpoint_every=checkpoint_every, run_tag=f"{model_name}|{model.dtype}")
     over = [i for i, n, L in zip(ds["id"], ds["n_tokens"], ds["length"]) if n > L]
-    if over:  # e.g. raw items from a file whose `length` counted the prompt alone
+    if over and first:  # e.g. raw items from a file whose `length` counted the prompt alone
         print(f"moa calibrate: warning: {len(over)} item(s) are longer than their target length "
               f"(e.g. {over[0]}); `moa profile` uses only samples of at most `length` tokens", file=sys.stderr)
     shape = ModelShape.from_config(model.config)
@@ -367,7 +429,11 @@ def add_arguments(p) -> None:
         "  moa calibrate --model MODEL_DIR -o cal/                      # default set, 1k/2k/4k\n"
         "  moa calibrate --model MODEL_DIR --source synthetic:kv_retrieval,passkey,var_tracking \\\n"
         "      --lengths 2048,4096,8192 --per-length 8 --batch-size 4 -o cal/\n"
-        "  moa calibrate --model MODEL_DIR --source my_docs.jsonl --lengths 8k -o cal/\n\n"
+        "  moa calibrate --model MODEL_DIR --source my_docs.jsonl --lengths 8k -o cal/\n"
+        "  torchrun --nproc-per-node 4 -m moa_search.cli calibrate --model MODEL_DIR -o cal/   # 4 GPUs\n\n"
+        "An interrupted run keeps its answers in .DIR.answers.json beside DIR; the same command\n"
+        "again answers only the rest. Under torchrun each rank answers every K-th batch and\n"
+        "rank 0 writes the folder (the same set as one process).\n\n"
         + sources.__doc__)
     p.epilog = ("Output: DIR (datasets.load_from_disk; columns id, task, length, depth, prompt, reference, "
                 "answer, input_ids, response_start, response_end, n_tokens) and DIR/meta.json.")
@@ -390,6 +456,10 @@ def add_arguments(p) -> None:
     add_device_map_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--checkpoint-every", type=int, default=4, metavar="K",
+                   help="keep the answers so far after every K batches per rank (default 4)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the answers an interrupted run kept (.DIR.answers.json beside DIR)")
 
 
 def run(args) -> int:
@@ -402,21 +472,39 @@ def run(args) -> int:
         raise CalibrationError(f"--lengths: {e}") from None
     if args.per_length is not None and args.per_length < 1:
         raise CalibrationError(f"--per-length must be >= 1, got {args.per_length}")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise CalibrationError("--max-new-tokens and --batch-size must be >= 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.checkpoint_every < 1:
+        raise CalibrationError("--max-new-tokens, --batch-size and --checkpoint-every must be >= 1")
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CalibrationError(f"{out}: exists and is not empty; pass --overwrite or another -o")
-    model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map))
-    ds, meta = calibrate(model, tok, args.source, lengths, args.per_length, args.seed, args.max_new_tokens,
-                         args.batch_size, model_name=str(args.model))
-    save_calibration(ds, out, meta, overwrite=args.overwrite)
-    print(f"wrote {out}: {len(ds)} items, hash {meta['calibration_hash']}")
-    for length, d in meta["by_length"].items():
-        acc = f", model answers match the reference on {d['correct']}/{d['scored']}" if d["scored"] else ""
-        print(f"  length {length}: {d['items']} items, {d['min_tokens']}-{d['max_tokens']} tokens{acc}")
+    ckpt = answers_checkpoint(out)
+    if args.restart:
+        ckpt.unlink(missing_ok=True)
+    started = distributed.init()
+    try:
+        model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map))
+        ds, meta = calibrate(model, tok, args.source, lengths, args.per_length, args.seed, args.max_new_tokens,
+                             args.batch_size, model_name=str(args.model), checkpoint=ckpt,
+                             checkpoint_every=args.checkpoint_every)
+        meta["world_size"] = distributed.info()[1]
+        if distributed.info()[0] == 0:
+            save_calibration(ds, out, meta, overwrite=args.overwrite)
+            ckpt.unlink(missing_ok=True)
+            print(f"wrote {out}: {len(ds)} items, hash {meta['calibration_hash']}")
+            for length, d in meta["by_length"].items():
+                acc = f", model answers match the reference on {d['correct']}/{d['scored']}" if d["scored"] else ""
+                print(f"  length {length}: {d['items']} items, {d['min_tokens']}-{d['max_tokens']} tokens{acc}")
+        distributed.barrier()
+    finally:
+        distributed.close(started)
     return 0
 
 
+def answers_checkpoint(out) -> Path:
+    """Where an unfinished `moa calibrate -o out` keeps its answers: a hidden file beside out."""
+    out = Path(out)
+    return out.parent / f".{out.name}.answers.json"
+
+
 __all__ = ["CalibrationError", "COLUMNS", "prompt_ids", "generate_answers", "calibration_hash", "load_calibration",
-           "load_meta", "save_calibration", "calibrate", "add_arguments", "run"]
+           "load_meta", "save_calibration", "calibrate", "answers_checkpoint", "add_arguments", "run"]

@@ -25,12 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from moa_search import distributed
 from moa_search.apply import input_device
 from moa_search.eval import response_loss
 from moa_search.plan import ModelShape, atomic_write
@@ -195,18 +197,6 @@ def _key_diff(have: dict, want: dict) -> str:
     return "; ".join(f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in want.items() if have.get(k) != v)
 
 
-# ----------------------------------------------------------------------------- distributed
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # ----------------------------------------------------------------------------- one length
 
 
@@ -215,7 +205,7 @@ def profile_length(model, ds, sel: Selection, settings: ProfileSettings, out_dir
     """Profile one length (resuming from its checkpoint); returns the profile file's path."""
     import torch.distributed as dist
 
-    rank, world = dist_info()
+    rank, world = distributed.info()
     L, H, bs = shape.num_layers, shape.num_query_heads, settings.block_size
     nb = -(-sel.length // bs)
     ids_all = _ids(ds)
@@ -252,6 +242,7 @@ def profile_length(model, ds, sel: Selection, settings: ProfileSettings, out_dir
     columns = ds.select_columns(list(REQUIRED))
     delta = torch.zeros(L, H, nb, nb, dtype=torch.float64, device=dev)   # this chunk's sum (this rank)
     state = SampleInfluence(backend=backend, block_size=bs, target=delta)
+    t0, first = time.perf_counter(), nxt
     with dense_profiling(model, state):
         for c0 in range(nxt, len(sel.indices), chunk):
             c1 = min(len(sel.indices), c0 + chunk)
@@ -288,11 +279,16 @@ def profile_length(model, ds, sel: Selection, settings: ProfileSettings, out_dir
             if world > 1:
                 dist.barrier()
     bar.close()
+    seconds = time.perf_counter() - t0
+    log.info("length %d: %d samples in %.1f s on %d rank(s) (%.3f samples/s)", sel.length, nxt - first, seconds,
+             world, (nxt - first) / max(seconds, 1e-9))
 
     if rank == 0:
         extra = {"run_key": key, "skipped": sel.skipped, "loss_mean": loss_sum / max(count, 1),
                  "backend": backend, "world_size": world, "dtype": str(model.dtype).replace("torch.", ""),
-                 "min_fill": settings.min_fill}
+                 "min_fill": settings.min_fill,
+                 # this run's loop (a resumed run counts only what it did): throughput for BENCHMARKS
+                 "run_samples": nxt - first, "run_seconds": round(seconds, 3)}
         prof = Profile(influence=total / max(count, 1), length=sel.length, block_size=bs, samples=count,
                        model=shape, calibration_hash=calib_hash, extra=extra)
         save_profile(prof, final)
@@ -343,7 +339,7 @@ def profile_model(model, ds, settings: ProfileSettings, out_dir, calib_hash: str
     Checks everything (lengths, data, selection) before the first sample so that a bad
     input fails in seconds, not after hours.
     """
-    rank, _ = dist_info()
+    rank, _ = distributed.info()
     check_dataset(ds)
     shape = ModelShape.from_config(model.config)
     bs = int(settings.block_size)

@@ -55,29 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG per length")
 
 
-def _init_distributed():
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
-    return True
-
-
 def load_for_profiling(path: str, device: str | None, dtype: str, device_map=None):
     """The model in eval mode, weights frozen, on `device` (or placed by accelerate's device_map)."""
     import torch
 
+    from moa_search import distributed
     from moa_search.cli import load_model
     from moa_search.plan import PlanError
 
     if device is None and device_map is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        device = distributed.default_device()
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and not str(device).startswith("cpu") else "float32"
     if not os.path.isdir(path):
@@ -89,11 +76,12 @@ def load_for_profiling(path: str, device: str | None, dtype: str, device_map=Non
 
 def run(args) -> int:
     from moa_search.calibrate import load_calibration
-    from moa_search.profiler.profile import ProfileSettings, dist_info, enable_activation_checkpointing, profile_model
+    from moa_search import distributed
+    from moa_search.profiler.profile import ProfileSettings, enable_activation_checkpointing, profile_model
     from moa_search.rules import parse_lengths
 
-    started = _init_distributed()
-    rank, world = dist_info()
+    started = distributed.init()
+    rank, _ = distributed.info()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="moa profile: %(message)s",
                         stream=sys.stderr)
     try:
@@ -104,9 +92,6 @@ def run(args) -> int:
 
             raise PlanError(str(e)) from None
         ds = load_calibration(args.data)
-        if args.device_map is not None and world > 1:
-            raise SystemExit("--device-map shards one model over this host's GPUs; under torchrun each rank "
-                             "holds a whole model (use one or the other)")
         from moa_search.cli import parse_device_map
 
         model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map))
@@ -120,8 +105,5 @@ def run(args) -> int:
             for n, path in out.items():
                 print(f"{n}\t{path}")
     finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        distributed.close(started)
     return 0

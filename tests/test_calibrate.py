@@ -358,3 +358,101 @@ def test_bad_inputs(tiny, tmp_path, capsys):
     datasets.Dataset.from_list([dict(row, response_end=9)]).save_to_disk(str(badspan))
     with pytest.raises(CalibrationError, match="invalid response span"):
         load_calibration(badspan)
+
+
+def test_interrupted_run_resumes_on_two_ranks(tiny, tmp_path, monkeypatch):
+    """Ctrl-C after 3 of 8 answers keeps them beside the output; the same command under
+    torchrun with 2 gloo ranks (issue 8) answers only the other 5, dealt out to the ranks,
+    and writes the same set as one uninterrupted process."""
+    import os
+    import subprocess
+    import sys
+
+    import moa_search.calibrate as C
+    from moa_search.cli import main
+
+    folder, _, _ = tiny
+    base = ["calibrate", "--model", str(folder), "--source", "synthetic:passkey,var_tracking", "--lengths",
+            "256,512", "--per-length", "2", "--max-new-tokens", "6", "--batch-size", "1",
+            "--checkpoint-every", "1", "--device", "cpu"]
+    assert main(base + ["-o", str(tmp_path / "one")]) == 0
+    one = C.load_calibration(tmp_path / "one")
+    assert len(one) == 8 and not C.answers_checkpoint(tmp_path / "one").exists()
+
+    real, calls = C._trim, []
+
+    def crashing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C, "_trim", crashing)
+    out = tmp_path / "two"
+    assert main(base + ["-o", str(out)]) == 130
+    kept = json.loads(C.answers_checkpoint(out).read_text())["answers"]
+    assert len(kept) == 3 and not out.exists()
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+           "-m", "moa_search.cli", *base, "-o", str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming with 3 answer(s)" in res.stderr
+    two = C.load_calibration(out)
+    assert C.load_meta(out)["world_size"] == 2 and not C.answers_checkpoint(out).exists()
+    assert C.calibration_hash(two) == C.calibration_hash(one)
+    assert two["answer"] == one["answer"] and two["input_ids"] == one["input_ids"]
+
+
+def test_ranks_answer_every_other_batch(tiny, monkeypatch):
+    """How the batches are dealt: as rank 1 of 2, generate_answers answers the 2nd, 4th, ...
+    batch of the longest-first order, and takes the other rank's answers from the gather."""
+    from moa_search import distributed
+    from moa_search.calibrate import generate_answers, prompt_ids
+
+    _, model, tok = tiny
+    items = build_items(["passkey", "kv_retrieval"], [120, 200, 300], 1, seed=2)
+    full = generate_answers(model, tok, items, max_new_tokens=4, batch_size=2, progress=False)
+    by_len = sorted(range(len(items)), key=lambda i: -len(prompt_ids(tok, items[i]["prompt"])))
+    answered = {}
+
+    def gather(mine):   # rank 0's part: the answers rank 1 did not compute, from the one-process run
+        answered.update(mine)
+        other = {i: full[i]["input_ids"][full[i]["response_start"]:] for i in range(len(items)) if i not in mine}
+        return [other, mine]
+
+    monkeypatch.setattr(distributed, "info", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "gather", gather)
+    got = generate_answers(model, tok, items, max_new_tokens=4, batch_size=2, progress=False, checkpoint_every=1)
+    assert sorted(answered) == sorted(by_len[2:4]) and len(items) == 6   # batches 0,1,2: rank 1 has batch 1
+    assert got["input_ids"] == full["input_ids"]
+
+
+@pytest.mark.gpu
+def test_gpu_nccl_two_ranks_write_the_one_gpu_set(tiny, tmp_path):
+    """`moa calibrate` under torchrun on 2 GPUs (NCCL) writes the set one GPU writes."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    import moa_search.calibrate as C
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    folder, _, _ = tiny
+    base = ["calibrate", "--model", str(folder), "--source", "synthetic:passkey,var_tracking", "--lengths",
+            "256,512", "--per-length", "2", "--max-new-tokens", "6", "--batch-size", "2", "--dtype", "float32"]
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
+    runs = {"two": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29529",
+                    "-m", "moa_search.cli"],
+            "one": [sys.executable, "-m", "moa_search.cli"]}
+    for name, cmd in runs.items():
+        res = subprocess.run(cmd + base + ["-o", str(tmp_path / name)], capture_output=True, text=True, timeout=300,
+                             env=dict(env, CUDA_VISIBLE_DEVICES="0") if name == "one" else env)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one, two = C.load_calibration(tmp_path / "one"), C.load_calibration(tmp_path / "two")
+    assert C.load_meta(tmp_path / "two")["world_size"] == 2
+    assert C.calibration_hash(two) == C.calibration_hash(one)

@@ -405,7 +405,7 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, monkeypatch):
 @pytest.mark.parametrize("device_map", ["auto", '{"": "cpu"}'])
 def test_device_map_profile_equals_single_device(tmp_path, capsys, device_map):
     """--device-map loads through accelerate (its hooks around every layer); the sums are the
-    same as with --device. On a GPU machine, test_gpu_split_device_map puts layers on two devices."""
+    same as with --device. On a GPU machine, test_gpu_split_device_map_profile_and_plan puts layers on two devices."""
     pytest.importorskip("accelerate")
     from moa_search.cli import main
 
@@ -436,27 +436,31 @@ def test_device_map_without_accelerate_says_what_to_install(monkeypatch, tmp_pat
 
 
 @pytest.mark.gpu
-def test_gpu_offloaded_device_map_profile_and_plan(tmp_path):
-    """Layer 0 resident on the GPU, layer 1 offloaded to the CPU by accelerate (its weights sit
-    on "meta" and come to the GPU when it runs): the profile equals the one-device profile, and
-    a plan applied to the offloaded model gives the logits of the plan on one device. (Layers
-    resident on two GPUs need a multi-GPU machine.)"""
+@pytest.mark.parametrize("second", ["cpu", 1])
+def test_gpu_split_device_map_profile_and_plan(tmp_path, second):
+    """Layer 0 on GPU 0, layer 1 on `second`: offloaded to the CPU by accelerate (its weights
+    sit on "meta" and come to the GPU when it runs), or resident on GPU 1 (needs 2 GPUs). The
+    profile equals the one-device profile, and a plan applied to the split model gives the
+    logits of the plan on one device."""
     pytest.importorskip("accelerate")
+    if second == 1 and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
     from moa_search import apply_plan
     from moa_search.cli import load_model
 
     from helpers import random_plan
 
     model_dir, calib = _save_fixture(tmp_path, [60, 62, 64], target=64)
-    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
-             "model.norm": "cpu", "lm_head": "cpu"}
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": second,
+             "model.norm": second, "lm_head": second}
     import datasets
 
     ds = datasets.load_from_disk(str(calib))
     common = dict(lengths=[64], block_size=16, progress=False, plots=False)
     one, _ = load_model(str(model_dir), "cuda", "float32", tokenizer=False)
     two, _ = load_model(str(model_dir), None, "float32", split, tokenizer=False)
-    assert {p.device.type for p in two.parameters()} == {"cuda", "meta"}
+    want = {"cuda:0", "meta"} if second == "cpu" else {"cuda:0", "cuda:1"}
+    assert {str(p.device) for p in two.parameters()} == want
     for name, m in (("one", one), ("two", two)):
         m.requires_grad_(False)
         P.profile_model(m, ds, P.ProfileSettings(backend="auto", **common), tmp_path / name, calib_hash="x")
@@ -473,3 +477,25 @@ def test_gpu_offloaded_device_map_profile_and_plan(tmp_path):
         ref = one(ids.cuda()).logits.float().cpu()
         got = two(ids.cuda()).logits.float().cpu()
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.gpu
+def test_gpu_nccl_two_ranks_equal_one_rank(tmp_path):
+    """torchrun on 2 GPUs (NCCL): the profile equals the one-GPU profile on the same samples."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    model_dir, calib = _save_fixture(tmp_path, [60, 62, 64, 50, 58], target=64)
+    base = ["profile", "--model", str(model_dir), "--data", str(calib), "--lengths", "64", "--block-size", "16",
+            "--checkpoint-every", "1", "--no-plots", "--dtype", "float32"]
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
+           "-m", "moa_search.cli", *base, "-o", str(tmp_path / "two")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-m", "moa_search.cli", *base, "-o", str(tmp_path / "one")],
+                         env=dict(env, CUDA_VISIBLE_DEVICES="0"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = load_profile(tmp_path / "one" / "influence_64.safetensors")
+    two = load_profile(tmp_path / "two" / "influence_64.safetensors")
+    assert two.samples == one.samples == 5 and two.extra["world_size"] == 2
+    torch.testing.assert_close(two.influence, one.influence, rtol=1e-5, atol=1e-7 * float(one.influence.abs().max()))
