@@ -25,20 +25,12 @@ import torch
 
 
 def build_model(path: Path, length: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The full 32-layer Llama-7B shape of scripts/gpu_profiler_bench.py, saved once."""
+    from gpu_profiler_bench import llama7b
 
     if (path / "config.json").exists():
         return
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=length,
-                      architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    model = llama7b(32, length)
     model.save_pretrained(path)
     del model
     torch.cuda.empty_cache()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -80,3 +83,19 @@ def eager_with_masks(model, input_ids, attention_mask, masks_per_layer):
     finally:
         for h in handles:
             h.remove()
+
+
+def run_cli(args: list[str], ranks: int = 1, port: int = 29500, cuda_visible: str | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m moa_search.cli ARGS` in a fresh process, or under torchrun with `ranks`
+    processes (gloo on the CPU, NCCL on GPUs with NVLink multicast off). Asserts exit code 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0")
+    if cuda_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(port)]
+    res = subprocess.run(launcher + ["-m", "moa_search.cli", *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res

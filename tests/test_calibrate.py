@@ -364,12 +364,10 @@ def test_interrupted_run_resumes_on_two_ranks(tiny, tmp_path, monkeypatch):
     """Ctrl-C after 3 of 8 answers keeps them beside the output; the same command under
     torchrun with 2 gloo ranks (issue 8) answers only the other 5, dealt out to the ranks,
     and writes the same set as one uninterrupted process."""
-    import os
-    import subprocess
-    import sys
-
     import moa_search.calibrate as C
     from moa_search.cli import main
+
+    from helpers import run_cli
 
     folder, _, _ = tiny
     base = ["calibrate", "--model", str(folder), "--source", "synthetic:passkey,var_tracking", "--lengths",
@@ -393,11 +391,7 @@ def test_interrupted_run_resumes_on_two_ranks(tiny, tmp_path, monkeypatch):
     kept = json.loads(C.answers_checkpoint(out).read_text())["answers"]
     assert len(kept) == 3 and not out.exists()
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
-           "-m", "moa_search.cli", *base, "-o", str(out)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli(base + ["-o", str(out)], ranks=2, port=29519)
     assert "resuming with 3 answer(s)" in res.stderr
     two = C.load_calibration(out)
     assert C.load_meta(out)["world_size"] == 2 and not C.answers_checkpoint(out).exists()
@@ -432,27 +426,19 @@ def test_ranks_answer_every_other_batch(tiny, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_nccl_two_ranks_write_the_one_gpu_set(tiny, tmp_path):
     """`moa calibrate` under torchrun on 2 GPUs (NCCL) writes the set one GPU writes."""
-    import os
-    import subprocess
-    import sys
-
     import torch
 
     import moa_search.calibrate as C
+
+    from helpers import run_cli
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     folder, _, _ = tiny
     base = ["calibrate", "--model", str(folder), "--source", "synthetic:passkey,var_tracking", "--lengths",
             "256,512", "--per-length", "2", "--max-new-tokens", "6", "--batch-size", "2", "--dtype", "float32"]
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
-    runs = {"two": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29529",
-                    "-m", "moa_search.cli"],
-            "one": [sys.executable, "-m", "moa_search.cli"]}
-    for name, cmd in runs.items():
-        res = subprocess.run(cmd + base + ["-o", str(tmp_path / name)], capture_output=True, text=True, timeout=300,
-                             env=dict(env, CUDA_VISIBLE_DEVICES="0") if name == "one" else env)
-        assert res.returncode == 0, res.stderr[-3000:]
+    run_cli(base + ["-o", str(tmp_path / "two")], ranks=2, port=29529)
+    run_cli(base + ["-o", str(tmp_path / "one")], cuda_visible="0")
     one, two = C.load_calibration(tmp_path / "one"), C.load_calibration(tmp_path / "two")
     assert C.load_meta(tmp_path / "two")["world_size"] == 2
     assert C.calibration_hash(two) == C.calibration_hash(one)

@@ -3,15 +3,12 @@ response masking, resume, clear errors, the CLI, and (issue 8) 2 ranks vs 1 rank
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import run_cli, tiny_model
 from moa_search.profiler import profile as P
 from moa_search.profiler.capture import SampleInfluence, dense_profiling
 from moa_search.profiler.io import ProfileError, load_profile
@@ -367,14 +364,9 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, monkeypatch):
     model_dir, calib = _save_fixture(tmp_path, [60, 62, 64, 50, 58], target=64)
     base = ["profile", "--model", str(model_dir), "--data", str(calib), "--lengths", "64", "--block-size", "16",
             "--checkpoint-every", "1", "--no-plots", "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
     def torchrun(out, port):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               "-m", "moa_search.cli", *base, "-o", str(out)]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return res
+        return run_cli(base + ["-o", str(out)], ranks=2, port=port, timeout=120)
 
     torchrun(tmp_path / "two", 29517)
     assert main(base + ["-o", str(tmp_path / "one")]) == 0
@@ -487,14 +479,8 @@ def test_gpu_nccl_two_ranks_equal_one_rank(tmp_path):
     model_dir, calib = _save_fixture(tmp_path, [60, 62, 64, 50, 58], target=64)
     base = ["profile", "--model", str(model_dir), "--data", str(calib), "--lengths", "64", "--block-size", "16",
             "--checkpoint-every", "1", "--no-plots", "--dtype", "float32"]
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
-           "-m", "moa_search.cli", *base, "-o", str(tmp_path / "two")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = subprocess.run([sys.executable, "-m", "moa_search.cli", *base, "-o", str(tmp_path / "one")],
-                         env=dict(env, CUDA_VISIBLE_DEVICES="0"), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_cli(base + ["-o", str(tmp_path / "two")], ranks=2, port=29527)
+    run_cli(base + ["-o", str(tmp_path / "one")], cuda_visible="0")
     one = load_profile(tmp_path / "one" / "influence_64.safetensors")
     two = load_profile(tmp_path / "two" / "influence_64.safetensors")
     assert two.samples == one.samples == 5 and two.extra["world_size"] == 2
