@@ -20,6 +20,7 @@ def init() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend)
+    dist.barrier()   # NCCL sets up its communicator on the first collective: here, not in the timed work
     return True
 
 
