@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -236,7 +235,7 @@ def load_model(path: str, device: str | None = None, dtype: str = "auto", device
     if device_map is not None:
         if device is not None:
             raise SystemExit("give --device or --device-map, not both")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if distributed.launched():
             raise SystemExit("--device-map shards one model over this host's GPUs; under torchrun each rank "
                              "holds a whole model on its own GPU (use one or the other)")
         if importlib.util.find_spec("accelerate") is None:  # transformers places the layers with it

@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 
 
+def launched() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init() -> bool:
     """Join torchrun's process group (NCCL on GPUs, gloo on the CPU); False when not under torchrun."""
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if not launched() or dist.is_initialized():
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -70,4 +75,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["init", "close", "info", "local_rank", "default_device", "gather", "barrier"]
+__all__ = ["launched", "init", "close", "info", "local_rank", "default_device", "gather", "barrier"]

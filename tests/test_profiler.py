@@ -427,6 +427,15 @@ def test_device_map_without_accelerate_says_what_to_install(monkeypatch, tmp_pat
         load_model(str(tmp_path), device_map="auto")
 
 
+def test_device_map_under_torchrun_is_refused(monkeypatch, tmp_path):
+    """Under torchrun each rank holds a whole model; a device_map there would shard it again."""
+    from moa_search.cli import load_model
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="under torchrun each rank holds a whole model"):
+        load_model(str(tmp_path), device_map="auto")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("second", ["cpu", 1])
 def test_gpu_split_device_map_profile_and_plan(tmp_path, second):
