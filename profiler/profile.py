@@ -276,8 +276,7 @@ def profile_length(model, ds, sel: Selection, settings: ProfileSettings, out_dir
             nxt = c1
             if rank == 0:
                 _save_checkpoint(ckpt, total, {"key": key, "next": nxt, "count": count, "loss_sum": loss_sum})
-            if world > 1:
-                dist.barrier()
+            distributed.barrier()
     bar.close()
     seconds = time.perf_counter() - t0
     log.info("length %d: %d samples in %.1f s on %d rank(s) (%.3f samples/s)", sel.length, nxt - first, seconds,
@@ -297,8 +296,7 @@ def profile_length(model, ds, sel: Selection, settings: ProfileSettings, out_dir
             ckpt.parent.rmdir()          # only when no other length's checkpoint is left
         except OSError:
             pass
-    if world > 1:
-        dist.barrier()
+    distributed.barrier()
     return final
 
 

@@ -99,3 +99,18 @@ def run_cli(args: list[str], ranks: int = 1, port: int = 29500, cuda_visible: st
                          timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+def interrupt_on_call(monkeypatch, owner, name: str, n: int) -> list:
+    """Patch owner.name to raise KeyboardInterrupt (Ctrl-C) on its n-th call; returns the list
+    that counts the calls (clear it to count again)."""
+    real, calls = getattr(owner, name), []
+
+    def wrapper(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls

@@ -367,7 +367,7 @@ def test_interrupted_run_resumes_on_two_ranks(tiny, tmp_path, monkeypatch):
     import moa_search.calibrate as C
     from moa_search.cli import main
 
-    from helpers import run_cli
+    from helpers import interrupt_on_call, run_cli
 
     folder, _, _ = tiny
     base = ["calibrate", "--model", str(folder), "--source", "synthetic:passkey,var_tracking", "--lengths",
@@ -377,15 +377,7 @@ def test_interrupted_run_resumes_on_two_ranks(tiny, tmp_path, monkeypatch):
     one = C.load_calibration(tmp_path / "one")
     assert len(one) == 8 and not C.answers_checkpoint(tmp_path / "one").exists()
 
-    real, calls = C._trim, []
-
-    def crashing(*a, **kw):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(C, "_trim", crashing)
+    interrupt_on_call(monkeypatch, C, "_trim", 4)     # Ctrl-C while trimming the 4th answer
     out = tmp_path / "two"
     assert main(base + ["-o", str(out)]) == 130
     kept = json.loads(C.answers_checkpoint(out).read_text())["answers"]

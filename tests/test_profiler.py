@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli, tiny_model
+from helpers import interrupt_on_call, run_cli, tiny_model
 from moa_search.profiler import profile as P
 from moa_search.profiler.capture import SampleInfluence, dense_profiling
 from moa_search.profiler.io import ProfileError, load_profile
@@ -255,16 +255,8 @@ def test_interrupted_run_resumes_to_the_same_sums(tmp_path, monkeypatch):
                                  progress=False, plots=False)
     P.profile_model(model, ds, settings, tmp_path / "whole")
 
-    real = P.sample_influence
-    calls = []
-
-    def crashing(*a, **kw):
-        calls.append(1)
-        if len(calls) == 4:            # in the second chunk of 2: only the first chunk is checkpointed
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(P, "sample_influence", crashing)
+    # the 4th sample is in the second chunk of 2: only the first chunk is checkpointed
+    calls = interrupt_on_call(monkeypatch, P, "sample_influence", 4)
     with pytest.raises(KeyboardInterrupt):
         P.profile_model(model, ds, settings, tmp_path / "cut")
     ckpt = P.checkpoint_path(tmp_path / "cut", 48)
@@ -376,15 +368,7 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, monkeypatch):
     torch.testing.assert_close(two.influence, one.influence, rtol=1e-12, atol=1e-15)
 
     # interrupted after 2 of 5 samples (checkpoint every sample), then resumed on 2 ranks
-    real, calls = P.sample_influence, []
-
-    def crashing(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(P, "sample_influence", crashing)
+    interrupt_on_call(monkeypatch, P, "sample_influence", 3)
     assert main(base + ["-o", str(tmp_path / "resumed")]) == 130
     assert P._load_checkpoint(P.checkpoint_path(tmp_path / "resumed", 64))[1]["next"] == 2
     res = torchrun(tmp_path / "resumed", 29518)
