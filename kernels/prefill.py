@@ -74,18 +74,52 @@ def _load_kv(k_base, v_base, skn, svn, n, Nk, KD, VD, b, kvh,
 
 
 @triton.jit
-def _scores(q, k, n, st, en, s, sink, q_pos, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """Raw scores q k^T [ROWS, BLOCK_N]; on edge blocks (MASKED) dropped pairs are -inf.
+def _mask_kind(t, n, c_sink, c_edge, c_int, st, sink):
+    """Which token mask the t-th visited block (first key n; counts of _key_blocks) needs:
+    0 none (interior), 1 a sink block, 2 a window block past the sink keys, 3 any other."""
+    edge = (t < c_edge) | (t >= c_edge + c_int)
+    return tl.where(t < c_sink, 1, tl.where(edge, tl.where(n - st >= sink, 2, 3), 0))
+
+
+@triton.jit
+def _token_mask(qk, kind, k_pos, q_pos, en_rel, s, sink):
+    """qk [ROWS, BLOCK_N] with the pairs outside the kept set at -inf: rules.kept's
+    k <= q and (k < sink or k > q - s), for keys 0 <= k < en_rel. k_pos [BLOCK_N] and q_pos
+    [ROWS] count from the sequence start.
+
+    The mask is the costliest part of an edge block's softmax, so each kind of block (_mask_kind)
+    applies only the terms that can drop a pair of a real row there; padding rows are zeroed
+    at the store whatever they hold.
+      1: a sink block lies left of every row's window and before every real row: k < sink;
+      2: a window block holds no sink key, and a real row's k <= q < en_rel: 0 <= q - k < s,
+         one unsigned compare;
+      3: the full test.
+    """
+    if kind == 1:
+        col = (k_pos >= 0) & (k_pos < sink) & (k_pos < en_rel)
+        qk = tl.where(tl.expand_dims(col, 0), qk, float("-inf"))
+    elif kind == 2:
+        d = tl.expand_dims(q_pos, 1) - tl.expand_dims(k_pos, 0)
+        qk = tl.where(d.to(tl.uint32) < s.to(tl.uint32), qk, float("-inf"))
+    elif kind == 3:
+        kp = tl.expand_dims(k_pos, 0)
+        qp = tl.expand_dims(q_pos, 1)
+        keep = (kp >= 0) & (kp < en_rel) & (kp <= qp) & ((kp < sink) | (kp > qp - s))
+        qk = tl.where(keep, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _scores(q, k, n, kind, st, en, s, sink, q_pos, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Raw scores q k^T [ROWS, BLOCK_N]; on edge blocks (MASKED) dropped pairs are -inf
+    (_token_mask of this `kind`).
 
     The scale is applied later, inside the exp2's FMA. q_pos: [ROWS] query positions counted
     from the sequence start (int32).
     """
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
-        k_pos = n + tl.arange(0, BLOCK_N) - st
-        keep = (k_pos[None, :] >= 0) & (k_pos[None, :] < en - st) & (k_pos[None, :] <= q_pos[:, None])
-        keep = keep & ((k_pos[None, :] < sink) | (k_pos[None, :] > q_pos[:, None] - s))
-        qk = tl.where(keep, qk, float("-inf"))
+        qk = _token_mask(qk, kind, n + tl.arange(0, BLOCK_N) - st, q_pos, en - st, s, sink)
     return qk
 
 
@@ -106,11 +140,11 @@ def _fold(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, st, en, s, sink, Nk, qk_scale, KD, VD, b, kvh,
+def _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, kind, st, en, s, sink, Nk, qk_scale, KD, VD, b, kvh,
            D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold key block [n, n+BLOCK_N) into the running (acc, l_i, m_i) of one query block."""
     k, v = _load_kv(k_base, v_base, skn, svn, n, Nk, KD, VD, b, kvh, D, BLOCK_N, MASKED, USE_TMA)
-    qk = _scores(q, k, n, st, en, s, sink, q_pos, BLOCK_N, MASKED)
+    qk = _scores(q, k, n, kind, st, en, s, sink, q_pos, BLOCK_N, MASKED)
     return _fold(acc, l_i, m_i, qk, v, qk_scale, MASKED)
 
 
@@ -188,10 +222,11 @@ def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
     for t in range(0, c_all):
         n = tl.where(t < c_sink, sink_lo + t * BLOCK_N,
                      tl.where(t < c_edge, a + (t - c_sink) * BLOCK_N, i_hi + (t - c_edge) * BLOCK_N))
-        acc, l_i, m_i = _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, st, en, s, sink, Nk, qk_scale,
-                               KD, VD, b, kvh, D, BLOCK_N, True, USE_TMA)
+        kind = _mask_kind(t, n, c_sink, c_edge, 0, st, sink)  # no interior between: every block here is an edge
+        acc, l_i, m_i = _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, kind, st, en, s, sink, Nk,
+                               qk_scale, KD, VD, b, kvh, D, BLOCK_N, True, USE_TMA)
     for n in range(i_lo, i_hi, BLOCK_N):
-        acc, l_i, m_i = _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, st, en, s, sink, Nk, qk_scale,
+        acc, l_i, m_i = _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, 0, st, en, s, sink, Nk, qk_scale,
                                KD, VD, b, kvh, D, BLOCK_N, False, USE_TMA)
 
     # --- padding rows and rows with nothing kept: zeros and lse -inf

@@ -18,6 +18,12 @@ query blocks first. Inside it, three partitions talk through mbarriers:
                              wait for P V, release slot t-1, O *= alpha_t
                    O += P_last V_last; O / l; store O (and the row log-sum-exp)
 
+Two things keep the edge blocks cheap, which at 16k and 25% density are a fifth of the blocks
+(measured: without any token mask that case ran 8-10% faster, BENCHMARKS.md):
+- the token mask of each block applies only the terms that can drop a pair there
+  (kernels/prefill.py:_token_mask, one compare on a window edge);
+- a sink block whose kept keys fit in its first half (sink 64) is multiplied at half width.
+
 Triton's own pipeliner on kernels/prefill.py waits for every MMA before the softmax (profiled on
 the H100: its tensor pipe is busy 57% of the time on a dense layer; this kernel's 73%); this is
 FlashAttention-3's producer/consumer structure with its intra-warpgroup overlap. sm_90 only
@@ -41,10 +47,16 @@ try:  # Gluon is experimental and GPU-only; the package must import without it
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-from .prefill import LOG2E, _key_blocks as _key_blocks_tl
+from .prefill import LOG2E
+from .prefill import _key_blocks as _key_blocks_tl
+from .prefill import _mask_kind as _mask_kind_tl
+from .prefill import _token_mask as _token_mask_tl
 
 if HAVE_GLUON:
-    _key_blocks = gluon.jit(_key_blocks_tl.fn)  # the Triton kernel's block ranges, compiled as Gluon
+    # the Triton kernel's block ranges and token masks, compiled as Gluon: one definition of each
+    _key_blocks = gluon.jit(_key_blocks_tl.fn)
+    _mask_kind = gluon.jit(_mask_kind_tl.fn)
+    _token_mask = gluon.jit(_token_mask_tl.fn)
 
     @gluon.constexpr_function
     def _mma_layout(n, num_warps):
@@ -60,19 +72,16 @@ if HAVE_GLUON:
                                           i_hi + (t - c_edge - c_int) * BLOCK_N)))
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, n, masked, st, en, span, sink, q_pos, qk_scale,
+    def _softmax(s, m_i, l_i, n, kind, st, en, span, sink, q_pos, qk_scale,
                  BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
         """Online-softmax step on raw scores s [BLOCK_M, BLOCK_N] (fp32, wgmma layout).
 
         Returns p (unnormalised, fp32), alpha = exp2(m_old - m_new) and the updated (l, m).
-        On edge blocks (`masked`) the dropped pairs are -inf first: the kept set of rules.kept.
+        On edge blocks (kind > 0, _mask_kind) the dropped pairs are -inf first (_token_mask).
         """
-        if masked:
+        if kind != 0:
             k_pos = n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)) - st
-            kp = gl.expand_dims(k_pos, 0)
-            qp = gl.expand_dims(q_pos, 1)
-            keep = (kp >= 0) & (kp < en - st) & (kp <= qp) & ((kp < sink) | (kp > qp - span))
-            s = gl.where(keep, s, float("-inf"))
+            s = _token_mask(s, kind, k_pos, q_pos, en - st, span, sink)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         # a row with nothing kept so far keeps m = -inf; shift by 0 then so exp2 gives 0, not NaN
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -80,6 +89,17 @@ if HAVE_GLUON:
         alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         return p, alpha, l_i, m_new
+
+    @gluon.jit
+    def _softmax_half(sh, m_i, l_i, n, kind, st, en, span, sink, q_pos, qk_scale, HN: gl.constexpr,
+                      sh_layout: gl.constexpr, row_s: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+        """_softmax on a half block's scores sh [ROWS, HN]; the row statistics come and go in
+        the full block's row layout (the same rows: 16 a warp either way), P as the P V operand."""
+        row_sh: gl.constexpr = gl.SliceLayout(1, sh_layout)
+        p, alpha, l_h, m_h = _softmax(sh, gl.convert_layout(m_i, row_sh), gl.convert_layout(l_i, row_sh), n, kind,
+                                      st, en, span, sink, gl.convert_layout(q_pos, row_sh), qk_scale, HN, sh_layout)
+        return (gl.convert_layout(p.to(dtype), p_layout), gl.convert_layout(alpha, row_s),
+                gl.convert_layout(l_h, row_s), gl.convert_layout(m_h, row_s))
 
     @gluon.jit
     def _tile(tile, Nq, Nk, Hq, G, BH, START, END, SPAN, sink,
@@ -149,6 +169,9 @@ if HAVE_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        HN: gl.constexpr = BLOCK_N // 2                   # a half block: a sink of up to HN keys
+        sh_layout: gl.constexpr = _mma_layout(HN, 4)
+        sh_zero = gl.zeros([ROWS, HN], gl.float32, sh_layout)
 
         g = 0
         j = 0
@@ -166,18 +189,44 @@ if HAVE_GLUON:
             q_s = q_smem.index(2 * qb + HALF).reshape([ROWS, D])
             mbarrier.wait(q_ready.index(qb), (j // Q_BUFS) & 1)
 
+            # Block 0: scores and softmax only (no P V yet). A sink block whose kept keys all lie
+            # in its first HN keys is multiplied at half width (S and P V at N = HN): with sink 64
+            # and 128-key blocks that is half a block less per item (measured 2-5% at 16k / 25%,
+            # BENCHMARKS.md). Its P has another shape than the loop's, so that path also runs
+            # block 1 here.
+            t_first = 1
+            n0 = _block_start(0, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
             if T > 0:
-                # block 0: scores and softmax only (no P V yet)
                 mbarrier.wait(ready.index(g % STAGES), (g // STAGES) & 1)
-                k0 = k_smem.index(g % STAGES).reshape([BLOCK_N, D]).permute((1, 0))
-                s_tok = warpgroup_mma(q_s, k0, s_zero, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(0, deps=(s_tok,))
-                n0 = _block_start(0, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
-                p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n0, (0 < c_edge) | (0 >= c_edge + c_int), st, en,
-                                                span, sink, q_pos, qk_scale, BLOCK_N, s_layout)
+                if (c_sink == 1) & (gl.minimum(st + sink, a) <= sink_lo + HN):  # then T >= 2 (the diagonal follows)
+                    k_sink = k_smem.index(g % STAGES).reshape([BLOCK_N, D]).slice(0, HN).permute((1, 0))
+                    sh_tok = warpgroup_mma(q_s, k_sink, sh_zero, use_acc=False, is_async=True)
+                    sh = warpgroup_mma_wait(0, deps=(sh_tok,))
+                    ph, alpha, l_i, m_i = _softmax_half(sh, m_i, l_i, n0, 1, st, en, span, sink, q_pos, qk_scale,
+                                                        HN, sh_layout, row_s, p_layout, dtype)
+                    slot = (g + 1) % STAGES
+                    mbarrier.wait(ready.index(slot), ((g + 1) // STAGES) & 1)
+                    k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))
+                    s_tok = warpgroup_mma(q_s, k_t, s_zero, use_acc=False, is_async=True)
+                    v_sink = v_smem.index(g % STAGES).reshape([BLOCK_N, D]).slice(0, HN)
+                    acc_tok = warpgroup_mma(ph, v_sink, acc, is_async=True)
+                    s = warpgroup_mma_wait(1, deps=(s_tok,))
+                    n = _block_start(1, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
+                    p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n, _mask_kind(1, n, c_sink, c_edge, c_int, st, sink),
+                                                    st, en, span, sink, q_pos, qk_scale, BLOCK_N, s_layout)
+                    acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+                    mbarrier.arrive(empty.index(g % STAGES), count=1)
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                    t_first = 2
+                else:
+                    k0 = k_smem.index(g % STAGES).reshape([BLOCK_N, D]).permute((1, 0))
+                    s_tok = warpgroup_mma(q_s, k0, s_zero, use_acc=False, is_async=True)
+                    s = warpgroup_mma_wait(0, deps=(s_tok,))
+                    p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n0, _mask_kind(0, n0, c_sink, c_edge, c_int, st, sink),
+                                                    st, en, span, sink, q_pos, qk_scale, BLOCK_N, s_layout)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
 
-            for t in range(1, T):
+            for t in range(t_first, T):
                 slot = (g + t) % STAGES
                 prev = (g + t - 1) % STAGES
                 mbarrier.wait(ready.index(slot), ((g + t) // STAGES) & 1)
@@ -187,14 +236,14 @@ if HAVE_GLUON:
                 acc_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t done; P_{t-1} V_{t-1} may still run
                 n = _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
-                p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n, (t < c_edge) | (t >= c_edge + c_int), st, en,
+                p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n, _mask_kind(t, n, c_sink, c_edge, c_int, st, sink), st, en,
                                                 span, sink, q_pos, qk_scale, BLOCK_N, s_layout)
                 acc = warpgroup_mma_wait(0, deps=(acc_tok,))
                 mbarrier.arrive(empty.index(prev), count=1)  # this warpgroup is done with block t-1
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
 
-            if T > 0:
+            if T > 0:  # the last block's P V
                 last = (g + T - 1) % STAGES
                 acc_tok = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, D]), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc_tok,))

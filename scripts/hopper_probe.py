@@ -12,6 +12,7 @@ paired ratios of one process compare variants. Rows go to stdout and $OUT/hopper
     python scripts/hopper_probe.py "128,3,1;64,4,2" 16384,32768        # (BLOCK_N, STAGES, Q_BUFS);...
     git show HEAD~1:kernels/prefill_hopper.py > /tmp/before.py
     python scripts/hopper_probe.py --baseline /tmp/before.py --rounds 14  # paired A/B of two versions
+    python scripts/hopper_probe.py --baseline /tmp/before.py --baseline /tmp/other.py "" 16384  # copies only
 """
 import argparse
 import importlib.util
@@ -30,7 +31,8 @@ from moa_search.kernels import prefill_hopper as PH
 
 def load_version(path):
     """An earlier copy of prefill_hopper.py, imported inside moa_search.kernels (its relative imports)."""
-    spec = importlib.util.spec_from_file_location("moa_search.kernels._hopper_baseline", path)
+    name = "moa_search.kernels._hopper_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -52,7 +54,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="?", default="128,3,1", help="BLOCK_N,STAGES,Q_BUFS;... (default 128,3,1)")
     ap.add_argument("lengths", nargs="?", default="16384,32768")
-    ap.add_argument("--baseline", metavar="FILE", help="an earlier prefill_hopper.py, timed first, default config")
+    ap.add_argument("--baseline", metavar="FILE", action="append", default=[],
+                    help="an earlier prefill_hopper.py, default config (repeatable: each is named by its file "
+                         "name; the first is timed first, and the paired ratios are against it)")
     ap.add_argument("--cases", default="dense,hetero0.5,uniform0.5,hetero0.25,uniform0.25")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
@@ -66,9 +70,9 @@ def main():
         log.flush()
 
     variants = {}
-    if args.baseline:
-        variants["baseline"] = load_version(args.baseline).hopper_prefill
-    for c in args.configs.split(";"):
+    for i, path in enumerate(args.baseline):
+        variants["baseline" if i == 0 else os.path.basename(path)] = load_version(path).hopper_prefill
+    for c in filter(None, args.configs.split(";")):
         cfg = tuple(map(int, c.split(",")))
         if len(cfg) != 3:
             ap.error(f"config {c!r}: expected BLOCK_N,STAGES,Q_BUFS (give the configs before the lengths)")
