@@ -74,6 +74,23 @@ def _load_kv(k_base, v_base, skn, svn, n, Nk, KD, VD, b, kvh,
 
 
 @triton.jit
+def _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N: tl.constexpr):
+    """First key of the t-th block in the Gluon kernel's visit order (_key_blocks' counts):
+    sink | leading edge | interior | diagonal."""
+    return tl.where(t < c_sink, sink_lo + t * BLOCK_N,
+                    tl.where(t < c_edge, a + (t - c_sink) * BLOCK_N,
+                             tl.where(t < c_edge + c_int, i_lo + (t - c_edge) * BLOCK_N,
+                                      i_hi + (t - c_edge - c_int) * BLOCK_N)))
+
+
+@triton.jit
+def _sink_fits(c_sink, st, sink, a, sink_lo, HALF: tl.constexpr):
+    """Whether the kept keys of the only sink block all lie in its first HALF keys (the Gluon
+    kernel then multiplies that block at half width): they end at min(st + sink, a)."""
+    return (c_sink == 1) & (tl.minimum(st + sink, a) <= sink_lo + HALF)
+
+
+@triton.jit
 def _mask_kind(t, n, c_sink, c_edge, c_int, st, sink):
     """Which token mask the t-th visited block (first key n; counts of _key_blocks) needs:
     0 none (interior), 1 a sink block, 2 a window block past the sink keys, 3 any other."""
@@ -95,7 +112,7 @@ def _token_mask(qk, kind, k_pos, q_pos, en_rel, s, sink):
          one unsigned compare;
       3: the full test.
     """
-    if kind == 1:
+    if kind == 1:  # (k < en_rel holds there for real rows already: a guard, one op per column)
         col = (k_pos >= 0) & (k_pos < sink) & (k_pos < en_rel)
         qk = tl.where(tl.expand_dims(col, 0), qk, float("-inf"))
     elif kind == 2:

@@ -48,28 +48,25 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 from .prefill import LOG2E
+from .prefill import _block_start as _block_start_tl
 from .prefill import _key_blocks as _key_blocks_tl
 from .prefill import _mask_kind as _mask_kind_tl
+from .prefill import _sink_fits as _sink_fits_tl
 from .prefill import _token_mask as _token_mask_tl
 
 if HAVE_GLUON:
-    # the Triton kernel's block ranges and token masks, compiled as Gluon: one definition of each
+    # the block ranges, visit order and token masks of kernels/prefill.py compiled as Gluon: one
+    # definition of each, checked on the CPU (tests/test_prefill_visit.py)
     _key_blocks = gluon.jit(_key_blocks_tl.fn)
+    _block_start = gluon.jit(_block_start_tl.fn)
     _mask_kind = gluon.jit(_mask_kind_tl.fn)
+    _sink_fits = gluon.jit(_sink_fits_tl.fn)
     _token_mask = gluon.jit(_token_mask_tl.fn)
 
     @gluon.constexpr_function
     def _mma_layout(n, num_warps):
         """wgmma accumulator layout [rows, n]: 16 rows per warp, warps stacked along the rows."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
-
-    @gluon.jit
-    def _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N: gl.constexpr):
-        """First key of the t-th visited block: sink | leading edge | interior | diagonal."""
-        return gl.where(t < c_sink, sink_lo + t * BLOCK_N,
-                        gl.where(t < c_edge, a + (t - c_sink) * BLOCK_N,
-                                 gl.where(t < c_edge + c_int, i_lo + (t - c_edge) * BLOCK_N,
-                                          i_hi + (t - c_edge - c_int) * BLOCK_N)))
 
     @gluon.jit
     def _softmax(s, m_i, l_i, n, kind, st, en, span, sink, q_pos, qk_scale,
@@ -198,7 +195,7 @@ if HAVE_GLUON:
             n0 = _block_start(0, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
             if T > 0:
                 mbarrier.wait(ready.index(g % STAGES), (g // STAGES) & 1)
-                if (c_sink == 1) & (gl.minimum(st + sink, a) <= sink_lo + HN):  # then T >= 2 (the diagonal follows)
+                if _sink_fits(c_sink, st, sink, a, sink_lo, HN):  # then T >= 2 (the diagonal follows)
                     k_sink = k_smem.index(g % STAGES).reshape([BLOCK_N, D]).slice(0, HN).permute((1, 0))
                     sh_tok = warpgroup_mma(q_s, k_sink, sh_zero, use_acc=False, is_async=True)
                     sh = warpgroup_mma_wait(0, deps=(sh_tok,))
