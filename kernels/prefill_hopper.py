@@ -29,6 +29,8 @@ the H100: its tensor pipe is busy 57% of the time on a dense layer; this kernel'
 FlashAttention-3's producer/consumer structure with its intra-warpgroup overlap. sm_90 only
 (bf16/fp16, head_dim 64/128, 16-byte aligned q/k/v): Gluon has no interpreter, so the CPU suite
 checks kernels/prefill.py and the GPU suite checks this kernel against the same reference.
+Before timing a change, scripts/gluon_compile.py (no GPU needed) shows its registers, spills and
+whether ptxas serialized the MMAs (at the 168-register cap a second live S/P/acc set does that).
 """
 from __future__ import annotations
 
