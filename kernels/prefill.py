@@ -74,6 +74,15 @@ def _load_kv(k_base, v_base, skn, svn, n, Nk, KD, VD, b, kvh,
 
 
 @triton.jit
+def _item_blocks(q_first, q_last, st, en, s, sink, Nk, BLOCK_N: tl.constexpr):
+    """_key_blocks counted in the Gluon kernel's visit order (_block_start): (sink_lo, a, i_lo,
+    i_hi, c_sink, c_edge, c_int, T), with c_int interior blocks and T blocks in all."""
+    sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag = _key_blocks(q_first, q_last, st, en, s, sink, Nk, BLOCK_N)
+    c_int = (i_hi - i_lo) // BLOCK_N
+    return sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_int, c_edge + c_int + c_diag
+
+
+@triton.jit
 def _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N: tl.constexpr):
     """First key of the t-th block in the Gluon kernel's visit order (_key_blocks' counts):
     sink | leading edge | interior | diagonal."""

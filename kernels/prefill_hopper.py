@@ -4,7 +4,7 @@ that the softmax of one key block runs while the tensor cores multiply the previ
 by V.
 
 Same contract, same visited blocks (kernels/prefill.py:_key_blocks, compiled into this kernel
-too), same token masks; the oracle is kernels/reference.py. What differs is the schedule. One
+too, through _item_blocks), same token masks; the oracle is kernels/reference.py. What differs is the schedule. One
 persistent program per SM loops over (query block of 128 rows, batch * head) work items, last
 query blocks first. Inside it, three partitions talk through mbarriers:
 
@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 from .prefill import LOG2E
 from .prefill import _block_start as _block_start_tl
-from .prefill import _key_blocks as _key_blocks_tl
+from .prefill import _item_blocks as _item_blocks_tl
 from .prefill import _mask_kind as _mask_kind_tl
 from .prefill import _sink_fits as _sink_fits_tl
 from .prefill import _token_mask as _token_mask_tl
@@ -59,7 +59,7 @@ from .prefill import _token_mask as _token_mask_tl
 if HAVE_GLUON:
     # the block ranges, visit order and token masks of kernels/prefill.py compiled as Gluon: one
     # definition of each, checked on the CPU (tests/test_prefill_visit.py)
-    _key_blocks = gluon.jit(_key_blocks_tl.fn)
+    _item_blocks = gluon.jit(_item_blocks_tl.fn)
     _block_start = gluon.jit(_block_start_tl.fn)
     _mask_kind = gluon.jit(_mask_kind_tl.fn)
     _sink_fits = gluon.jit(_sink_fits_tl.fn)
@@ -117,10 +117,8 @@ if HAVE_GLUON:
         span = gl.minimum(gl.load(SPAN + bh), Nk).to(gl.int32)
         off = Nk - Nq
         q_row = mb * BLOCK_M
-        sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag = _key_blocks(
+        sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_int, T = _item_blocks(
             off + q_row, off + q_row + BLOCK_M - 1, st, en, span, sink, Nk, BLOCK_N)
-        c_int = (i_hi - i_lo) // BLOCK_N
-        T = c_edge + c_int + c_diag
         return b, h, bh, q_row, st, en, span, off, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi
 
     @gluon.jit

@@ -1,15 +1,16 @@
 """How much of the prefill kernel's work is waste at the window edges (CPU, no GPU needed).
 
 For every (query block, head) work item of `moa bench prefill`'s synthetic cases, counts the key
-blocks the kernels visit, with the kernels' own `_key_blocks` (run under the Triton
-interpreter), and compares the computed (row, key) pairs with the kept ones (moa_search.rules):
+blocks the kernels visit, with the kernels' own `_item_blocks` (run under the Triton
+interpreter), and compares the computed (row, key) pairs with the kept ones (moa_search.rules),
+also with the Gluon kernel's half-width sink blocks (_sink_fits):
 
     python scripts/block_waste.py --lengths 16384,32768 --block 128
 """
 import argparse
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: _key_blocks runs on the CPU
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: _item_blocks runs on the CPU
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -18,7 +19,7 @@ import triton.language as tl  # noqa: E402
 
 from moa_search import rules as R  # noqa: E402
 from moa_search.bench_prefill import hetero_spans, resolve_shape, uniform_spans  # noqa: E402
-from moa_search.kernels.prefill import _key_blocks  # noqa: E402
+from moa_search.kernels.prefill import _item_blocks, _sink_fits  # noqa: E402
 
 
 @triton.jit
@@ -26,11 +27,12 @@ def _count(SPAN, OUT, sink, N, BLOCK: tl.constexpr):
     mb = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.minimum(tl.load(SPAN + h), N)
-    sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag = _key_blocks(mb * BLOCK, mb * BLOCK + BLOCK - 1, 0, N, s, sink,
-                                                                 N, BLOCK)
-    c_int = (i_hi - i_lo) // BLOCK
-    tl.store(OUT + (h * tl.num_programs(0) + mb) * 2, c_edge + c_int + c_diag)
-    tl.store(OUT + (h * tl.num_programs(0) + mb) * 2 + 1, c_edge + c_diag)
+    sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_int, T = _item_blocks(mb * BLOCK, mb * BLOCK + BLOCK - 1, 0, N, s,
+                                                                    sink, N, BLOCK)
+    o = OUT + (h * tl.num_programs(0) + mb) * 3
+    tl.store(o, T)
+    tl.store(o + 1, T - c_int)  # the blocks that need a token mask
+    tl.store(o + 2, _sink_fits(c_sink, 0, sink, a, sink_lo, BLOCK // 2).to(tl.int32))  # Gluon: half a block
 
 
 def main():
@@ -40,17 +42,18 @@ def main():
     ap.add_argument("--sink", type=int, default=64)
     args = ap.parse_args()
     shape = resolve_shape("llama3-8b")
-    print("    N | case         | kept / computed | masked blocks | blocks per item")
+    print("    N | case         | kept / computed | with half sink | masked blocks | blocks per item")
     for n in (int(x) for x in args.lengths.split(",")):
         for d in (0.5, 0.25):
             for name, sp in ((f"hetero {d:g}", hetero_spans(shape, args.sink, n, d)),
                              (f"uniform {d:g}", uniform_spans(shape, args.sink, n, d))):
                 num_m = triton.cdiv(n, args.block)
-                out = torch.zeros(len(sp), num_m, 2, dtype=torch.int32)
+                out = torch.zeros(len(sp), num_m, 3, dtype=torch.int32)
                 _count[(num_m, len(sp))](torch.as_tensor(sp), out, args.sink, n, BLOCK=args.block)
-                blocks, masked = int(out[..., 0].sum()), int(out[..., 1].sum())
+                blocks, masked, halves = (int(out[..., i].sum()) for i in range(3))
                 kept = float(np.sum(R.kept_pairs(args.sink, sp, n)))
-                print(f"{n:5d} | {name:<12} | {kept / (blocks * args.block ** 2):15.3f} | {masked / blocks:13.3f} | "
+                print(f"{n:5d} | {name:<12} | {kept / (blocks * args.block ** 2):15.3f} | "
+                      f"{kept / ((blocks - halves / 2) * args.block ** 2):14.3f} | {masked / blocks:13.3f} | "
                       f"{blocks / out[..., 0].numel():15.1f}")
 
 

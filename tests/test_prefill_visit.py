@@ -2,10 +2,10 @@
 
 The Gluon kernel (kernels/prefill_hopper.py) has no interpreter, but the pieces that decide
 what it computes are plain Triton functions of kernels/prefill.py, compiled into it:
-_key_blocks (which blocks), _block_start (in which order), _mask_kind and _token_mask (which
-pairs of a block count), _sink_fits (when the sink block is multiplied at half width). Here
-they run in the Gluon kernel's loop, and for every real query row the pairs they keep must
-be the kept set of moa_search.rules, each pair exactly once.
+_item_blocks (which blocks: _key_blocks, counted), _block_start (in which order), _mask_kind
+and _token_mask (which pairs of a block count), _sink_fits (when the sink block is multiplied
+at half width). Here they run in the Gluon kernel's loop, and for every real query row the
+pairs they keep must be the kept set of moa_search.rules, each pair exactly once.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from moa_search import rules as R
-from moa_search.kernels.prefill import _block_start, _key_blocks, _mask_kind, _sink_fits, _token_mask
+from moa_search.kernels.prefill import _block_start, _item_blocks, _mask_kind, _sink_fits, _token_mask
 
 
 @triton.jit
@@ -29,10 +29,8 @@ def _probe(KEEP, NS, KIND, META, Nq, Nk, st, en, s, sink,
     mb = tl.program_id(0)
     off = Nk - Nq
     q_row = mb * BLOCK_M
-    sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag = _key_blocks(
+    sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_int, T = _item_blocks(
         off + q_row, off + q_row + BLOCK_M - 1, st, en, s, sink, Nk, BLOCK_N)
-    c_int = (i_hi - i_lo) // BLOCK_N
-    T = c_edge + c_int + c_diag
     q_pos = off + q_row + tl.arange(0, BLOCK_M) - st
     tl.store(META + mb * 2, T)
     tl.store(META + mb * 2 + 1, _sink_fits(c_sink, st, sink, a, sink_lo, BLOCK_N // 2).to(tl.int32))
