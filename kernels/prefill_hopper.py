@@ -4,9 +4,9 @@ that the softmax of one key block runs while the tensor cores multiply the previ
 by V.
 
 Same contract, same visited blocks (kernels/prefill.py:_key_blocks, compiled into this kernel
-too, through _item_blocks), same token masks; the oracle is kernels/reference.py. What differs is the schedule. One
-persistent program per SM loops over (query block of 128 rows, batch * head) work items, last
-query blocks first. Inside it, three partitions talk through mbarriers:
+too, through _item_blocks), same token masks; the oracle is kernels/reference.py. What differs
+is the schedule. One persistent program per SM loops over (query block of 128 rows, batch *
+head) work items, last query blocks first. Inside it, three partitions talk through mbarriers:
 
     producer     1 warp: TMA the item's Q (two 64-row halves), then its K/V blocks into a
                  ring of STAGES shared-memory slots, each once both consumers released it;
@@ -188,9 +188,9 @@ if HAVE_GLUON:
 
             # Block 0: scores and softmax only (no P V yet). A sink block whose kept keys all lie
             # in its first HN keys is multiplied at half width (S and P V at N = HN): with sink 64
-            # and 128-key blocks that is half a block less per item (measured 2-5% at 16k / 25%,
-            # BENCHMARKS.md). Its P has another shape than the loop's, so that path also runs
-            # block 1 here.
+            # and 128-key blocks that is half a block less per item (kept / computed pairs at
+            # 16k / 25%: 0.906 -> 0.929, BENCHMARKS.md). Its P has another shape than the loop's,
+            # so that path also runs block 1 here.
             t_first = 1
             n0 = _block_start(0, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
             if T > 0:
@@ -233,8 +233,9 @@ if HAVE_GLUON:
                 acc_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t done; P_{t-1} V_{t-1} may still run
                 n = _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N)
-                p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n, _mask_kind(t, n, c_sink, c_edge, c_int, st, sink), st, en,
-                                                span, sink, q_pos, qk_scale, BLOCK_N, s_layout)
+                kind = _mask_kind(t, n, c_sink, c_edge, c_int, st, sink)
+                p32, alpha, l_i, m_i = _softmax(s, m_i, l_i, n, kind, st, en, span, sink, q_pos, qk_scale,
+                                                BLOCK_N, s_layout)
                 acc = warpgroup_mma_wait(0, deps=(acc_tok,))
                 mbarrier.arrive(empty.index(prev), count=1)  # this warpgroup is done with block t-1
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)

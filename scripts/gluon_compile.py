@@ -137,7 +137,8 @@ def main():
         print("  ptxas WARNING:", line)
     print("  innermost loops issuing MMAs: instructions, HGMMA, DEPBAR waits, spill loads")
     for r in mma_loops(sass):
-        print(f"    {hex(r['span'][0]):>9}  {r['instructions']:5d}  {r['hgmma']:3d}  {r['depbar']:3d}  {r['spill_loads']:3d}")
+        print(f"    {hex(r['span'][0]):>9}  {r['instructions']:5d}  {r['hgmma']:3d}  {r['depbar']:3d}  "
+              f"{r['spill_loads']:3d}")
     serialized = any("serialized" in w for w in warnings)
     if serialized:
         print("  -> every MMA waits for the previous one: the softmax no longer overlaps the tensor cores")
