@@ -19,23 +19,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 import tempfile
-
-
-def load_kernel(path):
-    if path is None:
-        from moa_search.kernels import prefill_hopper
-        return prefill_hopper
-    name = "moa_search.kernels._compile_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def compile_kernel(mod, D, config, dtype, write_lse, consumer_regs=232, maxnreg=168):
@@ -109,7 +97,10 @@ def main():
     args = ap.parse_args()
 
     import triton
-    mod = load_kernel(args.kernel)
+    from hopper_probe import load_version  # a kernel copy, imported as hopper_probe --baseline does
+
+    from moa_search.kernels import prefill_hopper
+    mod = load_version(args.kernel) if args.kernel else prefill_hopper
     config = tuple(map(int, args.config.split(","))) if args.config else mod.CONFIG[args.head_dim]
     k = compile_kernel(mod, args.head_dim, config, args.dtype, args.lse)
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
