@@ -6,7 +6,8 @@ by V.
 Same contract, same visited blocks (kernels/prefill.py:_key_blocks, compiled into this kernel
 too, through _item_blocks), same token masks; the oracle is kernels/reference.py. What differs
 is the schedule. One persistent program per SM loops over (query block of 128 rows, batch *
-head) work items, last query blocks first. Inside it, three partitions talk through mbarriers:
+head) work items, last query blocks first, each taking the next item no program has taken yet
+(an atomic counter). Inside it, three partitions talk through mbarriers:
 
     producer     1 warp: TMA the item's Q (two 64-row halves), then its K/V blocks into a
                  ring of STAGES shared-memory slots, each once both consumers released it;
@@ -49,6 +50,7 @@ try:  # Gluon is experimental and GPU-only; the package must import without it
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
+
 from .prefill import LOG2E
 from .prefill import _block_start as _block_start_tl
 from .prefill import _item_blocks as _item_blocks_tl
@@ -69,6 +71,7 @@ if HAVE_GLUON:
     def _mma_layout(n, num_warps):
         """wgmma accumulator layout [rows, n]: 16 rows per warp, warps stacked along the rows."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
 
     @gluon.jit
     def _softmax(s, m_i, l_i, n, kind, st, en, span, sink, q_pos, qk_scale,
@@ -122,21 +125,34 @@ if HAVE_GLUON:
         return b, h, bh, q_row, st, en, span, off, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi
 
     @gluon.jit
-    def _producer(QD, KD, VD, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+    def _producer(QD, KD, VD, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tile_smem, COUNTER,
                   Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr):
-        """One warp, over this program's tiles: TMA the tile's two 64-row Q halves into Q buffer
-        j % Q_BUFS, then its K/V blocks into the ring (global block counter g, slot g % STAGES), each
-        once both consumers have released what last used the buffer. It runs ahead into the next
-        tile while the consumers finish this one, so no tile waits for its first loads."""
+        """One warp, over this program's tiles: write the tile's number to tile_smem and TMA its two
+        64-row Q halves into Q buffer j % Q_BUFS (both signal q_ready), then its K/V blocks into the
+        ring (global block counter g, slot g % STAGES), each once both consumers have released what
+        last used the buffer. It runs ahead into the next tile while the consumers finish this
+        one, so no tile waits for its first loads.
+
+        Tiles are handed out dynamically: a program's first tile is its program id, each next one
+        the next that no program has taken (an atomic counter, taken once this tile's last K/V
+        load is issued, so about STAGES blocks before the consumers need it). A static round-robin
+        left programs 2-4% apart in work at 16k (every 132nd tile lands on the same program: with
+        32 heads, always the same eighth of them); dynamically the busiest program has within 0.2%
+        of the mean work (scripts/block_waste.py). Measured on the H100: dense 2% faster at 16k and
+        9% at 32k, the sparse cases unchanged within the noise (BENCHMARKS.md, session 6)."""
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         g = 0
         j = 0
-        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        tile = gl.program_id(0)
+        while tile < num_tiles:
             b, h, bh, q_row, st, en, span, off, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi = _tile(
                 tile, Nq, Nk, Hq, G, BH, START, END, SPAN, sink, BLOCK_M, BLOCK_N)
             qb = j % Q_BUFS
             # a fresh barrier counts as "phase 1 complete": the first waits on each pass at once
             mbarrier.wait(q_empty.index(qb), ((j // Q_BUFS) & 1) ^ 1)
+            # every lane stores, so the arrive below (by one lane) releases its own store
+            tile_smem.index(qb).store(gl.full([1], tile, gl.int32, one))
             mbarrier.expect(q_ready.index(qb), 2 * QD.block_type.nbytes)
             tma.async_copy_global_to_shared(QD, [b, h, q_row, 0], q_ready.index(qb), q_smem.index(2 * qb))
             tma.async_copy_global_to_shared(QD, [b, h, q_row + QD.block_type.shape[2], 0], q_ready.index(qb),
@@ -152,9 +168,23 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(VD, [b, kvh, n, 0], bar, v_smem.index(slot))
             g += T
             j += 1
+            # the first num_programs tiles went out by program id; the counter counts the rest
+            tile = gl.atomic_add(COUNTER, 1, sem="relaxed") + gl.num_programs(0)
+        # no tile left: tell the consumers (a tile number past the end, and no Q)
+        qb = j % Q_BUFS
+        mbarrier.wait(q_empty.index(qb), ((j // Q_BUFS) & 1) ^ 1)
+        tile_smem.index(qb).store(gl.full([1], num_tiles, gl.int32, one))
+        mbarrier.arrive(q_ready.index(qb), count=1)
 
     @gluon.jit
-    def _consumer(O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+    def _next_tile(j, q_ready, tile_smem, Q_BUFS: gl.constexpr):
+        """The consumers' j-th tile, as the producer announced it with its Q (num_tiles: none)."""
+        qb = j % Q_BUFS
+        mbarrier.wait(q_ready.index(qb), (j // Q_BUFS) & 1)
+        return gl.max(tile_smem.index(qb).load(gl.BlockedLayout([1], [32], [4], [0])), 0)
+
+    @gluon.jit
+    def _consumer(O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tile_smem,
                   Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles, qk_scale, sob, soh, son,
                   HALF: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, Q_BUFS: gl.constexpr, WRITE_LSE: gl.constexpr):
@@ -172,7 +202,8 @@ if HAVE_GLUON:
 
         g = 0
         j = 0
-        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        tile = _next_tile(0, q_ready, tile_smem, Q_BUFS)
+        while tile < num_tiles:
             b, h, bh, q_row, st, en, span, off, T, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi = _tile(
                 tile, Nq, Nk, Hq, G, BH, START, END, SPAN, sink, 2 * ROWS, BLOCK_N)
             r0 = q_row + HALF * ROWS
@@ -183,8 +214,7 @@ if HAVE_GLUON:
             acc = gl.zeros([ROWS, D], gl.float32, o_layout)
             p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
             qb = j % Q_BUFS
-            q_s = q_smem.index(2 * qb + HALF).reshape([ROWS, D])
-            mbarrier.wait(q_ready.index(qb), (j // Q_BUFS) & 1)
+            q_s = q_smem.index(2 * qb + HALF).reshape([ROWS, D])  # its Q landed (_next_tile)
 
             # Block 0: scores and softmax only (no P V yet). A sink block whose kept keys all lie
             # in its first HN keys is multiplied at half width (S and P V at N = HN): with sink 64
@@ -263,13 +293,15 @@ if HAVE_GLUON:
             if WRITE_LSE:
                 lse = gl.where(ok, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
                 gl.store(LSE + bh.to(gl.int64) * Nq + rows, lse, mask=rows < Nq)
+            tile = _next_tile(j, q_ready, tile_smem, Q_BUFS)
 
     @gluon.jit
-    def _hopper_fwd(O, LSE, SPAN, START, END, QD, KD, VD,
+    def _hopper_fwd(O, LSE, SPAN, START, END, COUNTER, QD, KD, VD,
                     qk_scale, sink, Nq, Nk, Hq, G, BH, sob, soh, son,
                     D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
                     WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-        """Persistent: program p runs tiles p, p + #programs, ... of the (query block, head) list."""
+        """Persistent: program p runs tile p of the (query block, head) list, then whichever tiles
+        are left when it asks (COUNTER: an int32 zero at launch)."""
         ROWS: gl.constexpr = QD.block_type.shape[2]   # rows per consumer warpgroup (64)
         BLOCK_M: gl.constexpr = 2 * ROWS
         num_tiles = gl.cdiv(Nq, BLOCK_M) * BH
@@ -281,6 +313,7 @@ if HAVE_GLUON:
         q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        tile_smem = gl.allocate_shared_memory(gl.int32, [Q_BUFS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         for i in gl.static_range(Q_BUFS):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
@@ -289,13 +322,13 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)
 
         gl.warp_specialize([
-            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tile_smem,
                          Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles, qk_scale, sob, soh, son,
                          0, D, ROWS, BLOCK_N, STAGES, Q_BUFS, WRITE_LSE)),
-            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tile_smem,
                          Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles, qk_scale, sob, soh, son,
                          1, D, ROWS, BLOCK_N, STAGES, Q_BUFS, WRITE_LSE)),
-            (_producer, (QD, KD, VD, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+            (_producer, (QD, KD, VD, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tile_smem, COUNTER,
                          Nq, Nk, Hq, G, BH, START, END, SPAN, sink, num_tiles, BLOCK_M, BLOCK_N, STAGES, Q_BUFS)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -334,9 +367,9 @@ def hopper_prefill(q, k, v, span, start, end, sink: int, scale: float, out, lse,
 
     q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D] (bf16/fp16, unit last stride, 16-B aligned), span int64
     [B,Hq], start/end int64 [B], out [B,Hq,Nq,D], lse fp32 [B,Hq,Nq] (or any tensor when not
-    write_lse). persistent: one program per SM,
-    each looping over work items round-robin (the producer loads the next item's blocks while
-    the consumers finish this one); False: one program per work item, scheduled by the GPU.
+    write_lse). persistent: one program per SM, each looping over work items, taking the next free
+    one (the producer loads the next item's blocks while the consumers finish this one); False:
+    one program per work item, scheduled by the GPU.
     config: (BLOCK_N, STAGES, Q_BUFS); registers: per consumer thread after the producer gives its up.
     """
     B, Hq, Nq, D = q.shape
@@ -351,7 +384,8 @@ def hopper_prefill(q, k, v, span, start, end, sink: int, scale: float, out, lse,
     BH = B * Hq
     num_tiles = triton.cdiv(Nq, 2 * ROWS) * BH
     grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
-    _hopper_fwd[grid](out, lse, span, start, end, desc(q, ROWS), desc(k, bn), desc(v, bn),
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the items handed out so far
+    _hopper_fwd[grid](out, lse, span, start, end, counter, desc(q, ROWS), desc(k, bn), desc(v, bn),
                       scale * LOG2E, int(sink), Nq, Nk, Hq, Hq // Hkv, BH, out.stride(0), out.stride(1), out.stride(2),
                       D=D, BLOCK_N=bn, STAGES=stages, Q_BUFS=q_bufs, WRITE_LSE=write_lse, CONSUMER_REGS=consumer_regs,
                       num_warps=4, maxnreg=maxnreg)

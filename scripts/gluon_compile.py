@@ -42,7 +42,7 @@ def compile_kernel(mod, D, config, dtype, write_lse, consumer_regs=232, maxnreg=
         box = [1, 1, rows, D]
         return f"tensordesc<{dtype}[{','.join(map(str, box))}],{gl.NVMMASharedLayout.get_default_for(box, gdt)!r}>"
 
-    pointers = {"O": f"*{dtype}", "LSE": "*fp32", "SPAN": "*i64", "START": "*i64", "END": "*i64"}
+    pointers = {"O": f"*{dtype}", "LSE": "*fp32", "SPAN": "*i64", "START": "*i64", "END": "*i64", "COUNTER": "*i32"}
     consts = dict(D=D, BLOCK_N=bn, STAGES=stages, Q_BUFS=q_bufs, WRITE_LSE=write_lse, CONSUMER_REGS=consumer_regs)
     sig = {}
     for n in names:

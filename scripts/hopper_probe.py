@@ -43,7 +43,9 @@ def check(launch, D=128, dtype=torch.bfloat16, Nq=None):
     (q, k, v, span, st, en), (ref, rl) = check_case(D, dtype, Nq)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device=q.device)
-    launch(q, k, v, span, st, en, 64, D ** -0.5, out, lse, True)
+    res = launch(q, k, v, span, st, en, 64, D ** -0.5, out, lse, True)
+    if isinstance(res, tuple):  # --wrapper: its own outputs
+        out, lse = res
     fin = torch.isfinite(rl)
     lerr = float((lse[fin] - rl[fin]).abs().max()) if fin.any() else 0.0
     return (float((out.float() - ref).norm() / ref.norm()), lerr, bool(torch.isnan(out).any()),
@@ -59,6 +61,9 @@ def main():
                          "name; the first is timed first, and the paired ratios are against it)")
     ap.add_argument("--cases", default="dense,hetero0.5,uniform0.5,hetero0.25,uniform0.25")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--wrapper", action="store_true",
+                    help="also time kernels/prefill.py:sparse_attention_prefill, the launcher a model's layer "
+                         "and `moa bench prefill` call (its checks and allocations included)")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "gpu_out")
     os.makedirs(out_dir, exist_ok=True)
@@ -77,6 +82,10 @@ def main():
         if len(cfg) != 3:
             ap.error(f"config {c!r}: expected BLOCK_N,STAGES,Q_BUFS (give the configs before the lengths)")
         variants[f"gluon{cfg}"] = lambda *a, cfg=cfg: PH.hopper_prefill(*a, config=cfg)
+    if args.wrapper:
+        from moa_search.kernels.prefill import sparse_attention_prefill
+        variants["wrapper"] = lambda q, k, v, span, st, en, sink, scale, out, lse, wl: sparse_attention_prefill(
+            q, k, v, sink, span, st, en, scale=scale, return_lse=wl)
     for name, launch in variants.items():
         for D in (128, 64):
             for Nq in (None, 700):

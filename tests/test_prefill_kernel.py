@@ -221,6 +221,22 @@ def test_gpu_hopper_kernel_padding_gqa_tails(dtype, d, persistent):
 
 
 @pytest.mark.gpu
+def test_gpu_hopper_kernel_hands_out_every_item_once_per_launch():
+    """The persistent programs take items from a counter that each launch must start at zero:
+    many more items than SMs, launched back to back, each time on poisoned outputs."""
+    prefill = _prefill()
+    PH = _hopper_or_skip()
+    n = 4100  # 33 query blocks x 48 heads: 12x the SMs of an H100
+    q, k, v = _inputs(1, 48, 8, n, n, 128, torch.bfloat16, device="cuda")
+    span = _llama3_like_spans(n, 48, group=6).cuda()
+    assert -(-n // (2 * PH.ROWS)) * 48 > 10 * torch.cuda.get_device_properties(0).multi_processor_count
+    before = prefill.CALLS["gluon"]
+    for _ in range(3):
+        _run_and_compare(q, k, v, 64, span)
+    assert prefill.CALLS["gluon"] == before + 3
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("nq", [17, 700])
 @pytest.mark.parametrize("sink", [0, 64, 200])
 def test_gpu_hopper_kernel_queries_last_of_keys_and_sinks(nq, sink):
