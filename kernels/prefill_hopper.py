@@ -50,7 +50,6 @@ try:  # Gluon is experimental and GPU-only; the package must import without it
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-
 from .prefill import LOG2E
 from .prefill import _block_start as _block_start_tl
 from .prefill import _item_blocks as _item_blocks_tl
@@ -71,7 +70,6 @@ if HAVE_GLUON:
     def _mma_layout(n, num_warps):
         """wgmma accumulator layout [rows, n]: 16 rows per warp, warps stacked along the rows."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
-
 
     @gluon.jit
     def _softmax(s, m_i, l_i, n, kind, st, en, span, sink, q_pos, qk_scale,

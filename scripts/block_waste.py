@@ -13,8 +13,8 @@ the next free item as it finishes one (the kernel's schedule: an atomic counter)
 
     python scripts/block_waste.py --lengths 16384,32768 --block 128 --sms 132
 """
-import heapq
 import argparse
+import heapq
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: _item_blocks runs on the CPU
