@@ -20,7 +20,8 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
+
+from moa_search.models import add_device_map_argument, load_model, parse_device_map
 
 COMMANDS = {
     # name: (module, one-line help, issue that builds it)
@@ -196,60 +197,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run_generate)
 
 
-DEVICE_MAP_HELP = ("shard the model over this host's GPUs with accelerate (layers on different devices): "
-                   "auto, balanced, sequential, or a JSON file / string {module name: device}; instead of --device")
 
-
-def add_device_map_argument(p) -> None:
-    p.add_argument("--device-map", default=None, metavar="MAP", help=DEVICE_MAP_HELP)
-
-
-def parse_device_map(value):
-    """--device-map value -> what from_pretrained takes (a strategy name or {module: device})."""
-    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return value
-    text = Path(value).read_text() if Path(value).is_file() else value
-    try:
-        mapping = json.loads(text)
-    except json.JSONDecodeError:
-        raise SystemExit(f"--device-map {value!r}: expected auto, balanced, sequential, or JSON "
-                         '{"model.layers.0": 0, ...} (inline or in a file)') from None
-    if not isinstance(mapping, dict):
-        raise SystemExit(f"--device-map {value!r}: the JSON must be an object {{module name: device}}")
-    return mapping
-
-
-def load_model(path: str, device: str | None = None, dtype: str = "auto", device_map=None, tokenizer: bool = True):
-    """(model, tokenizer) from a checkpoint directory, in eval mode.
-
-    device: one device for the whole model (default: this rank's GPU if there is one). device_map: a
-    strategy ("auto", ...) or {module name: device} for accelerate to place the layers
-    (one of the two). The plan's rules and the profiler follow each layer's own device.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moa_search import distributed
-
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if device_map is not None:
-        if device is not None:
-            raise SystemExit("give --device or --device-map, not both")
-        if distributed.launched():
-            raise SystemExit("--device-map shards one model over this host's GPUs; under torchrun each rank "
-                             "holds a whole model on its own GPU (use one or the other)")
-        if importlib.util.find_spec("accelerate") is None:  # transformers places the layers with it
-            raise SystemExit("--device-map needs the accelerate package: pip install accelerate")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map).eval()
-    else:
-        device = device or distributed.default_device()   # cuda:LOCAL_RANK under torchrun
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    if not tokenizer:
-        return model, None
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
 
 
 def run_generate(args) -> int:
@@ -319,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if not argv else 2
-    from moa_search.plan import PlanError
+    from moa_search.errors import MoaError
 
     try:
         return int(args.run(args) or 0)
-    except PlanError as e:
+    except MoaError as e:
         print(f"moa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Callable
 
 from moa_search.calibration_data import defaults, tasks
+from moa_search.errors import MoaError
 
 
-class SourceError(ValueError):
+class SourceError(MoaError):
     """A calibration source is missing, unreadable, empty or malformed."""
 
 

@@ -8,9 +8,10 @@ The math is in DESIGN.md section 4 and that module's docstring.
     -> I:     [B, Hq, nb, nb] float32, nb = ceil(N / block_size); blocks above the diagonal are 0
 
 One program per (query block, query head, batch) loops twice over the key blocks 0..bq,
-recomputing A = exp(scale q k^T - lse) and dP = dO V^T one BLOCK x BLOCK tile at a time
-in registers: pass 1 accumulates D_i = sum_j A_ij dP_ij (float32, see the reference for
-why not dO . O), pass 2 reduces |A (dP - D)| / max(1 - A, EPS) over each tile to one
+recomputing X = exp(scale q k^T - lse) and dP = dO V^T one BLOCK x BLOCK tile at a time
+in registers: pass 1 accumulates the row mass l_i = sum_j X_ij and sum_j X_ij dP_ij, so
+A = X / l and D_i = sum_j A_ij dP_ij (float32; the reference says why rows are renormalised
+and why D is not dO . O), pass 2 reduces |A (dP - D)| / max(1 - A, EPS) over each tile to one
 number and stores it. Each program owns its row of I, so no atomics, and nothing of size
 N x N ever exists. Cost: 4 tile matmuls per causal tile (a FlashAttention backward does 5).
 """
@@ -26,7 +27,7 @@ from moa_search.profiler.reference import EPS  # same guard as the reference
 @triton.jit
 def _tile(q, do, k_base, v_base, s_kn, s_vn, bk, offs_m, m_ok, offs_d, d_ok, lse2, qk_scale, N,
           BLOCK: tl.constexpr, IEEE: tl.constexpr):
-    """One BLOCK x BLOCK tile of key block bk: (A, dP = dO V^T, causal-and-in-range mask)."""
+    """One BLOCK x BLOCK tile of key block bk: (X = exp(s - lse), dP = dO V^T, causal-and-in-range mask)."""
     offs_n = bk * BLOCK + tl.arange(0, BLOCK)
     n_ok = offs_n < N
     nd = n_ok[:, None] & d_ok[None, :]
@@ -73,14 +74,19 @@ def _influence_kernel(
     k_base = K + b * s_kb + kvh * s_kh
     v_base = V + b * s_vb + kvh * s_vh
     out_row = OUT + b * s_ib + h * s_ih + bq * s_iq
-    delta = tl.zeros([BLOCK], dtype=tl.float32)
-    for bk in range(0, bq + 1):                                                       # pass 1: D_i
-        p, dp, valid = _tile(q, do, k_base, v_base, s_kn, s_vn, bk, offs_m, m_ok, offs_d, d_ok, lse2, qk_scale, N,
+    mass = tl.zeros([BLOCK], dtype=tl.float32)
+    xdp = tl.zeros([BLOCK], dtype=tl.float32)
+    for bk in range(0, bq + 1):                                                       # pass 1: l_i, D_i
+        x, dp, valid = _tile(q, do, k_base, v_base, s_kn, s_vn, bk, offs_m, m_ok, offs_d, d_ok, lse2, qk_scale, N,
                              BLOCK, IEEE)
-        delta += tl.sum(p * dp, axis=1)
+        mass += tl.sum(x, axis=1)
+        xdp += tl.sum(x * dp, axis=1)
+    inv_mass = 1.0 / tl.where(m_ok, mass, 1.0)
+    delta = xdp * inv_mass
     for bk in range(0, bq + 1):                                                       # pass 2: tile sums
-        p, dp, valid = _tile(q, do, k_base, v_base, s_kn, s_vn, bk, offs_m, m_ok, offs_d, d_ok, lse2, qk_scale, N,
+        x, dp, valid = _tile(q, do, k_base, v_base, s_kn, s_vn, bk, offs_m, m_ok, offs_d, d_ok, lse2, qk_scale, N,
                              BLOCK, IEEE)
+        p = x * inv_mass[:, None]
         ds = p * (dp - delta[:, None])
         e = tl.where(valid, tl.abs(ds) / tl.maximum(1.0 - p, eps), 0.0)
         tl.store(out_row + bk, tl.sum(tl.sum(e, axis=1), axis=0))

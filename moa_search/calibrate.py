@@ -418,7 +418,7 @@ def add_arguments(p) -> None:
     import argparse
 
     from moa_search.calibration_data import sources
-    from moa_search.cli import add_device_map_argument
+    from moa_search.models import add_device_map_argument
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
@@ -463,7 +463,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from moa_search.cli import load_model, parse_device_map
+    from moa_search.models import load_model, parse_device_map
     from moa_search.rules import parse_lengths
 
     try:

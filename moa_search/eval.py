@@ -498,7 +498,7 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moa_search.cli import add_device_map_argument
+    from moa_search.models import add_device_map_argument
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
@@ -536,7 +536,7 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
              per_length=None, mode="generate", batch_size=None, device=None, dtype=None, backend="auto",
              bins=5, seed=None, task_types=None, plots=True, console=None, title="", device_map=None) -> list[dict]:
     """Load the model, score every config, write the outputs; returns the aggregated table."""
-    from moa_search.cli import load_model
+    from moa_search.models import load_model
 
     if device_map is not None:
         gpu = torch.cuda.is_available()
@@ -559,7 +559,7 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
 
 
 def run(args) -> int:
-    from moa_search.cli import parse_device_map
+    from moa_search.models import parse_device_map
 
     from moa_search.rules import parse_lengths
 

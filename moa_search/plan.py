@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import rules as R
+from .errors import MoaError
 
 FORMAT = "moa-search-plan"
 VERSION = 1
@@ -40,7 +41,7 @@ GRANULARITIES = ("kv_head", "query_head")
 MOA_SINK = 64  # the official MoA tool keeps 64 sink tokens inside its span
 
 
-class PlanError(ValueError):
+class PlanError(MoaError):
     """A plan file or plan object is malformed or does not fit the model."""
 
 

@@ -677,7 +677,7 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moa_search.cli import add_device_map_argument
+    from moa_search.models import add_device_map_argument
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
@@ -742,7 +742,7 @@ def run(args) -> int:
     if args.validation:
         import datasets
 
-        from moa_search.cli import load_model, parse_device_map
+        from moa_search.models import load_model, parse_device_map
 
         data = datasets.load_from_disk(args.validation)
         # only the weights are needed (the data is already tokenized): no tokenizer required

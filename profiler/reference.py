@@ -11,7 +11,12 @@ O = A V, dO = dL/dO, dP = dO V^T:
     E_ij  = |dS_ij| / max(1 - A_ij, EPS)           (first-order loss change of dropping (i, j))
     I[bq, bk] = sum of E_ij over the causal (i, j) with i // block = bq, j // block = bk
 
-Two numerical choices, both shared with the fused kernel:
+Three numerical choices, all shared with the fused kernel:
+- A is renormalised from the scores it is recomputed from (A = X / sum_j X_ij with
+  X = exp(S - lse)), so the given lse only stabilises the exponent. An lse that another
+  kernel computed (the flash forward) carries other rounding than these scores; left as is,
+  a row's mass would be off 1 by ~1e-6 and the 1 / max(1 - A, EPS) factor would amplify that
+  10^4 times (a single-key row would get E = |dP| * 1e-2 instead of 0).
 - D_i is recomputed from A and dP in the accumulation dtype rather than taken from the
   stored O: in bf16, O's rounding error (~4e-3 relative) would otherwise enter dS and be
   divided by a small 1 - A in peaked rows.
@@ -119,6 +124,7 @@ def influence_reference(q, k, v, do, lse, scale: float, block_size: int = 64,
                 s = (q[b, h, r0:r1].to(acc) @ kh[:r1].T) * scale        # [n, r1]
                 causal = torch.arange(r0, r1, device=q.device)[:, None] >= torch.arange(r1, device=q.device)[None, :]
                 p = torch.exp(s - lse[b, h, r0:r1, None].to(acc)).masked_fill(~causal, 0.0)
+                p = p / p.sum(-1, keepdim=True)                            # see the module docstring
                 dp = do[b, h, r0:r1].to(acc) @ vh[:r1].T
                 ds = p * (dp - (p * dp).sum(-1, keepdim=True))            # the chunk holds whole causal rows
                 e = (ds.abs() / (1.0 - p).clamp_min(EPS)).masked_fill(~causal, 0.0)

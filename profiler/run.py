@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 DESCRIPTION = """\
@@ -45,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint the running sums every K samples per rank (default 8)")
     p.add_argument("--restart", action="store_true", help="discard checkpoints and existing profiles in DIR")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
-    from moa_search.cli import add_device_map_argument
+    from moa_search.models import add_device_map_argument
 
     add_device_map_argument(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -60,15 +59,12 @@ def load_for_profiling(path: str, device: str | None, dtype: str, device_map=Non
     import torch
 
     from moa_search import distributed
-    from moa_search.cli import load_model
-    from moa_search.plan import PlanError
+    from moa_search.models import load_model
 
     if device is None and device_map is None:
         device = distributed.default_device()
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and not str(device).startswith("cpu") else "float32"
-    if not os.path.isdir(path):
-        raise PlanError(f"{path}: no such model directory")
     model, _ = load_model(path, device, dtype, device_map, tokenizer=False)  # refuses device + device_map
     model.requires_grad_(False)
     return model
@@ -92,7 +88,7 @@ def run(args) -> int:
 
             raise PlanError(str(e)) from None
         ds = load_calibration(args.data)
-        from moa_search.cli import parse_device_map
+        from moa_search.models import parse_device_map
 
         model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map))
         if args.gradient_checkpointing:
