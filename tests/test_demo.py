@@ -33,6 +33,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         "influence_256.safetensors", "influence_512.safetensors", "influence_768.safetensors"]
     plan = load_plan(out / "search" / "plan.json")
     assert plan.profiled_lengths == [256, 512, 768]
+    # the same seed gives the plan the code before the issue-17 refactor gave (tests/data/demo_quick)
+    from test_golden import DATA, assert_same_plan
+
+    assert_same_plan(out / "search" / "plan.json", DATA / "plan.json")
     summary = json.loads((out / "eval" / "summary.json").read_text())
     cells = {(r["config"], r["length"]): r for r in summary["results"]}
     configs = {c for c, _ in cells}
