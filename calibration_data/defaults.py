@@ -99,9 +99,8 @@ def resolve_tokenizer(spec: str) -> Path:
     """A tokenizer path as recorded in defaults.json: "moa_search/..." is inside the package
     (found wherever it is installed), anything else a plain path."""
     if spec.startswith("moa_search/"):
-        import moa_search
-
-        return Path(moa_search.__file__).resolve().parent / spec[len("moa_search/"):]
+        package = Path(__file__).absolute().parent.parent   # moa_search/ (this is moa_search.calibration_data)
+        return package.resolve() / spec[len("moa_search/"):]
     return Path(spec)
 
 
@@ -133,7 +132,7 @@ def recorded_tokenizer(side: dict | None = None) -> str | None:
 
 def write_defaults(folder: str | Path = HERE, tokenizer: str | None = None) -> dict:
     """Write both JSONL files and defaults.json into `folder`; returns the sidecar dict."""
-    from moa_search.plan import atomic_write_text
+    from moa_search.files import atomic_write_text
 
     folder = Path(folder)
     count, convention = (approx_count_tokens, APPROX) if tokenizer is None else tokenizer_counter(tokenizer)

@@ -3,7 +3,7 @@
     plan = moa_search.load_plan("plan.json")
     model = moa_search.apply_plan(model, plan)   # model(...) and model.generate(...) now sparse
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 from .plan import ModelShape, Plan, PlanError, load_plan, save_plan, uniform_plan, plan_from_moa  # noqa: E402
 from .apply import apply_plan, cache_kwarg, generate, make_cache, remove_plan  # noqa: E402

@@ -35,7 +35,8 @@ import torch
 
 from . import rules as R
 from .bench import MODEL_SHAPES
-from .plan import ModelShape, atomic_write_text, load_plan
+from .files import atomic_write_text
+from .plan import ModelShape, load_plan
 
 
 def add_arguments(p) -> None:

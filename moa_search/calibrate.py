@@ -167,7 +167,7 @@ def _load_answers(path, key: str) -> dict[int, list[int]]:
 
 
 def _save_answers(path, key: str, answers: dict[int, list[int]]) -> None:
-    from moa_search.plan import atomic_write_text
+    from moa_search.files import atomic_write_text
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"key": key, "answers": {str(i): t for i, t in sorted(answers.items())}}))
@@ -334,7 +334,7 @@ def load_meta(path) -> dict:
 
 def save_calibration(ds, out, meta: dict, overwrite: bool = False) -> Path:
     """Write ds + meta.json to folder `out` atomically (built beside it, then renamed)."""
-    from moa_search.plan import atomic_write_text
+    from moa_search.files import atomic_write_text
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

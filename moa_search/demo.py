@@ -27,14 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def embedded_model_dir() -> Path:
-    """The small Llama checkpoint shipped inside the package (see demo_model/README.md)."""
-    path = Path(__file__).resolve().parent / "demo_model"
-    if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"{path}: the embedded demo model is missing (config.json / model.safetensors); "
-                                "reinstall moa-search or pass --model MODEL_DIR")
-    return path
+from moa_search.models import embedded_model_dir  # the demo's default model
 
 
 @dataclass
@@ -86,14 +79,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=None, help="sink tokens (default 64; --quick 16)")
 
 
-def _step(title: str, argv: list[str], con) -> None:
-    from moa_search.cli import main
+def _step_modules() -> dict:
+    """The steps the demo runs, each the module behind its `moa` subcommand."""
+    from moa_search import calibrate, eval, search
+    from moa_search.profiler import run as profile
 
+    return {"calibrate": calibrate, "profile": profile, "search": search, "eval": eval}
+
+
+def _step(title: str, argv: list[str], con) -> None:
+    """Run `moa ARGV` in this process: the step's own options and defaults, its own run(args).
+    A step's MoaError reaches `moa demo`'s caller, which prints it as one line."""
     con.rule(f"[bold]{title}")
     con.print("[dim]$ moa " + " ".join(argv) + "[/]")
     t0 = time.time()
-    rc = main(argv)
-    if rc != 0:
+    module = _step_modules()[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"moa {argv[0]}")
+    module.add_arguments(parser)
+    rc = module.run(parser.parse_args(argv[1:]))
+    if rc:
         raise RuntimeError(f"`moa {' '.join(argv)}` failed with exit status {rc}")
     con.print(f"[dim]{title}: {time.time() - t0:.0f}s[/]")
 
@@ -165,7 +169,7 @@ def run(args) -> int:
     plan = load_plan(plan_path)
     summary = json.loads((out / "eval" / "summary.json").read_text())
     text = summary_markdown(summary, plan, preset, args.budget, model, time.time() - t0, device)
-    from moa_search.plan import atomic_write_text
+    from moa_search.files import atomic_write_text
 
     atomic_write_text(out / "summary.md", text)
     con.rule("[bold]summary")

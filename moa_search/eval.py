@@ -47,9 +47,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moa_search.apply import input_device
+from moa_search.losses import response_loss, response_losses  # noqa: F401  (response_loss: eval's old home)
 
 METRICS = ("retrieval", "ppl")
 
@@ -150,32 +150,6 @@ def eval_items(tok, lengths: list[int], per_length: int | None, data: str | None
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-def response_losses(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the masked targets of each row.
-
-    logits [B, T, V] predict targets [B, T]; mask [B, T] bool (True = a response token).
-    Returns float32 [B].
-    """
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                         reduction="none").view(targets.shape)
-    m = mask.float()
-    return (ce * m).sum(-1) / m.sum(-1).clamp_min(1)
-
-
-def response_loss(model, targets: torch.Tensor, response_start: int, reduction: str = "mean", **inputs):
-    """Cross-entropy of ONE sequence's response tokens, computing only the logits that predict them.
-
-    inputs: the model's inputs for the whole sequence (input_ids [1, n] or inputs_embeds [1, n, H],
-    plus any model kwargs); targets: int64 [re - rs] = input_ids[rs:re]. Positions rs-1 .. re-2
-    predict tokens rs .. re-1. Logits in float32 (float64 if the model computes in float64).
-    Used by the profiler (with gradients) and the search's validation scorer.
-    """
-    x = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
-    logits = model(**inputs, logits_to_keep=x.shape[1] - response_start + 1).logits[0, : len(targets)]
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def forced_correct(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -375,7 +349,7 @@ def overall(table: list[dict]) -> list[dict]:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     import io
 
-    from moa_search.plan import atomic_write_text
+    from moa_search.files import atomic_write_text
 
     if not rows:
         return
@@ -475,7 +449,7 @@ def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
 
 def write_outputs(out: Path, rows: list[dict], table: list[dict], meta: dict, metrics=METRICS,
                   plots: bool = True) -> None:
-    from moa_search.plan import atomic_write_text
+    from moa_search.files import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "results.csv", table)
@@ -572,7 +546,7 @@ def run(args) -> int:
         return 2
     model_dir = args.model
     if model_dir is None:
-        from moa_search.demo import embedded_model_dir
+        from moa_search.models import embedded_model_dir
 
         model_dir = embedded_model_dir()
     task_types = [t.strip() for t in args.task_types.split(",")] if args.task_types else None

@@ -16,6 +16,15 @@ DEVICE_MAP_HELP = ("shard the model over this host's GPUs with accelerate (layer
                    "auto, balanced, sequential, or a JSON file / string {module name: device}; instead of --device")
 
 
+def embedded_model_dir() -> Path:
+    """The small Llama checkpoint shipped inside the package (see demo_model/README.md)."""
+    path = Path(__file__).resolve().parent / "demo_model"
+    if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: the embedded demo model is missing (config.json / model.safetensors); "
+                                "reinstall moa-search or pass --model MODEL_DIR")
+    return path
+
+
 def add_device_map_argument(p) -> None:
     p.add_argument("--device-map", default=None, metavar="MAP", help=DEVICE_MAP_HELP)
 

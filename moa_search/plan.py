@@ -25,15 +25,16 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import rules as R
 from .errors import MoaError
+from .files import atomic_write, atomic_write_text  # noqa: F401  (re-exported: their old home)
+from .version import __version__
 
 FORMAT = "moa-search-plan"
 VERSION = 1
@@ -289,36 +290,6 @@ def _validate(d: Any, source: str) -> None:
 # ----------------------------------------------------------------------------- I/O
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write `path` by calling write(tmp) on a temp file in the same folder, then renaming it:
-    readers never see half a file and a crash leaves the old one. The file gets the mode a
-    plain open() would give (mkstemp alone makes it 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return atomic_write(path, write)
-
-
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     atomic_write_text(path, json.dumps(plan.to_dict(), indent=1) + "\n")
     return Path(path)
@@ -350,8 +321,6 @@ def check_plan_fits(plan: Plan, shape: ModelShape) -> None:
 
 
 def provenance(**extra) -> dict:
-    from . import __version__
-
     return {"tool": "moa-search", "tool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
 

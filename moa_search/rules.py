@@ -1,13 +1,15 @@
-"""Elastic sink + window rules: the kept set, the two densities, the candidate grid.
+"""Elastic sink + window rules: every formula of the rule family, in one place.
 
 A head's rule at input length N keeps, for query row i (0-based, causal),
 
     kept(i) = { j <= i : j < sink  or  i - j < span(N) }
     span(N) = clamp(floor(alpha + beta * N), min_span, N)
 
-Every other module (kernels' references, the profiler, the optimizer, the CLI) computes
-the kept set and the densities through the functions here, so a plan means the same
-thing everywhere.
+Here: the span at N, the kept set, both densities (KV and compute), the number of blocks
+of a length, the key blocks a block of query rows visits, and the fraction of each block's
+causal entries a rule drops (what the search's loss tables weigh the profile with). The
+kernels' references, the profiler, the plan, the search and the CLI compute these through
+the functions here, so a plan means the same thing everywhere.
 """
 from __future__ import annotations
 
@@ -157,14 +159,74 @@ def parse_lengths(text: str) -> list[int]:
     return out
 
 
+def block_count(n, block_size: int):
+    """Blocks of `block_size` tokens covering n tokens: ceil(n / block_size) (the last may be short).
+    n: an int or an integer array."""
+    return -(-n // block_size)
+
+
+def visited_key_blocks(q_first: int, q_last: int, sink: int, span: int, block_size: int) -> tuple[range, range]:
+    """The key blocks that query rows [q_first, q_last] (0-based, causal) need under one rule:
+    (sink blocks, window blocks), as ranges of block indices, disjoint, in ascending order.
+
+    A block is needed iff some row of the range keeps one of its keys (rules.kept); the
+    kernels' visit plan (kernels/prefill.py `_key_blocks`) is the same set, plus the
+    bookkeeping of sequence starts and ends.
+    """
+    if q_first > q_last or span < 1:
+        return range(0), range(0)
+    win_lo = max(0, q_first - span + 1)                   # first key of the first row's window
+    first_window = win_lo // block_size
+    window = range(first_window, q_last // block_size + 1)
+    sink_end = min(block_count(min(sink, win_lo), block_size), first_window)
+    return range(0, sink_end), window
+
+
+def _prefix_clip(m: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """sum over integers k < m of clip(k, 0, w) (w >= 0), elementwise, closed form."""
+    mm = np.clip(m - 1, 0, w)
+    return mm * (mm + 1) // 2 + np.maximum(m - 1 - w, 0) * w
+
+
+def _rows_sum(r0, r1, t, w):
+    """sum over rows i in [r0, r1) of clip(i + t, 0, w): how many entries of a block the rows hold."""
+    return _prefix_clip(r1 + t, w) - _prefix_clip(r0 + t, w)
+
+
+def block_drop_fraction(n: int, block_size: int, sink: int, spans: Sequence[int]) -> np.ndarray:
+    """Fraction of each block's causal entries that a rule drops: float64 [R, nb, nb].
+
+    n: sequence length; nb = block_count(n, block_size) (the last block may be short);
+    spans: [R] windows span(n) of the rules (>= 1). Token level, exactly `kept`: row i
+    drops j iff sink <= j <= i - span. Blocks with no causal entry get 0.
+
+    Interval arithmetic: in block (bq, bk) with rows [r0, r1) and columns [c0, c1), row i
+    holds clip(i - c0 + 1, 0, c1 - c0) causal entries and drops
+    clip(i - span - a + 1, 0, c1 - a) of them, a = max(c0, sink); both sum over rows in
+    closed form.
+    """
+    nb = block_count(n, block_size)
+    edges = np.minimum(np.arange(nb + 1, dtype=np.int64) * block_size, n)
+    r0, r1 = edges[:-1, None], edges[1:, None]          # rows of block bq   [nb, 1]
+    c0, c1 = edges[None, :-1], edges[None, 1:]          # columns of block bk [1, nb]
+    causal = _rows_sum(r0, r1, 1 - c0, c1 - c0)         # [nb, nb]
+    a = np.maximum(c0, sink)
+    w = np.maximum(c1 - a, 0)
+    s = np.asarray(spans, dtype=np.int64).reshape(-1, 1, 1)
+    if np.any(s < 1):
+        raise ValueError(f"spans must be >= 1, got {np.asarray(spans).min()}")
+    dropped = _rows_sum(r0[None], r1[None], 1 - s - a[None], w[None])  # [R, nb, nb]
+    return np.divide(dropped, causal, out=np.zeros(dropped.shape), where=causal > 0)
+
+
 def group_max(values: np.ndarray, group: int) -> np.ndarray:
     """[..., Hq] -> [..., Hkv]: the max over each GQA group of `group` consecutive query heads."""
     shape = values.shape[:-1] + (values.shape[-1] // group, group)
     return values.reshape(shape).max(-1)
 
 
-
 __all__ = [
     "Rule", "span", "raw_span", "kept", "kept_matrix", "kv_density", "kept_pairs", "compute_density",
-    "density", "candidate_grid", "parse_lengths", "group_max",
+    "density", "candidate_grid", "parse_lengths", "group_max", "block_count", "visited_key_blocks",
+    "block_drop_fraction",
 ]

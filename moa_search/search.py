@@ -618,7 +618,7 @@ def validation_scorer(model, dataset, backend: str = "auto", progress: bool = Fa
     import torch
 
     from .apply import apply_plan, remove_plan
-    from .eval import response_loss
+    from .losses import response_loss
 
     for col in ("input_ids", "response_start", "response_end"):
         if col not in dataset.column_names:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from moa_search.plan import ModelShape, PlanError, atomic_write
+from moa_search.files import atomic_write
+from moa_search.plan import ModelShape, PlanError
 
 FORMAT = "moa-search-profile"
 VERSION = 1

@@ -34,8 +34,9 @@ import torch
 
 from moa_search import distributed
 from moa_search.apply import input_device
-from moa_search.eval import response_loss
-from moa_search.plan import ModelShape, atomic_write
+from moa_search.losses import response_loss
+from moa_search.files import atomic_write
+from moa_search.plan import ModelShape
 from moa_search.profiler.capture import SampleInfluence, dense_profiling, resolve_backend
 from moa_search.profiler.io import Profile, ProfileError, load_profile, profile_path, save_profile
 
