@@ -19,13 +19,14 @@ import numpy as np
 from . import milp
 from . import rules as R
 from .plan import ModelShape
-from .search import Tables, loss_table, make_problem, search
+from .loss_tables import Tables, loss_table, make_problem
+from .search import search
 
 
 def synthetic_influence(rng, layers, heads, n, block_size, reach, wide):
     """float64 [layers, heads, nb, nb]: exp(-distance / reach) near the diagonal plus a flat
     part of weight `wide` (retrieval-like heads), times noise, on causal blocks only."""
-    nb = -(-n // block_size)
+    nb = R.block_count(n, block_size)
     q = np.arange(nb)[:, None]
     k = np.arange(nb)[None, :]
     dist = ((q - k) / nb).astype(np.float64)

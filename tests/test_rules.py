@@ -92,3 +92,22 @@ def test_parse_lengths():
 def test_group_max():
     v = np.array([[1, 5, 3, 2], [7, 0, 0, 9]])
     assert R.group_max(v, 2).tolist() == [[5, 3], [7, 9]]
+
+
+def test_block_count_is_the_ceiling():
+    assert [R.block_count(n, 64) for n in (1, 63, 64, 65, 128, 129)] == [1, 1, 1, 2, 2, 3]
+    np.testing.assert_array_equal(R.block_count(np.array([0, 7, 8, 9]), 8), [0, 1, 1, 2])
+
+
+@pytest.mark.parametrize("sink,span,bs", [(0, 1, 4), (3, 5, 4), (8, 2, 4), (5, 40, 8), (16, 7, 8), (2, 100, 16)])
+def test_visited_key_blocks_are_the_blocks_of_kept_keys(sink, span, bs):
+    """Brute force: a block is needed iff a row of the query block keeps one of its keys."""
+    n = 61
+    keep = R.kept_matrix(n, sink, span).numpy()
+    for q_first in range(0, n, 5):
+        for q_last in (q_first, min(n - 1, q_first + bs - 1), min(n - 1, q_first + 3 * bs)):
+            needed = {j // bs for j in np.flatnonzero(keep[q_first:q_last + 1].any(0))}
+            sink_blocks, window_blocks = R.visited_key_blocks(q_first, q_last, sink, span, bs)
+            assert not set(sink_blocks) & set(window_blocks)
+            assert set(sink_blocks) | set(window_blocks) == needed, (q_first, q_last)
+            assert list(sink_blocks) == sorted(sink_blocks) and list(window_blocks) == sorted(window_blocks)

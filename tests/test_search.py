@@ -22,7 +22,7 @@ def brute_block_fraction(n, bs, sink, span):
     keep = R.kept_matrix(n, sink, span).numpy()
     causal = np.tril(np.ones((n, n), dtype=bool))
     dropped = causal & ~keep
-    nb = -(-n // bs)
+    nb = R.block_count(n, bs)
     pad = nb * bs - n
 
     def blocks(m):
@@ -37,7 +37,7 @@ def brute_block_fraction(n, bs, sink, span):
 @pytest.mark.parametrize("sink", [0, 3, 12])
 def test_block_drop_fraction_matches_token_mask(n, bs, sink):
     spans = sorted({1, 2, 4, 9, 17, n // 2 or 1, n - 1 or 1, n})
-    got = S.block_drop_fraction(n, bs, sink, spans)
+    got = R.block_drop_fraction(n, bs, sink, spans)
     for k, s in enumerate(spans):
         np.testing.assert_allclose(got[k], brute_block_fraction(n, bs, sink, s), rtol=0, atol=1e-12)
 
@@ -46,7 +46,7 @@ def test_loss_table_equals_token_level_dropped_influence():
     """With influence spread evenly over each block's causal entries, the table is exact."""
     rng = np.random.default_rng(0)
     n, bs, sink, L, H = 45, 8, 5, 2, 3
-    nb = -(-n // bs)
+    nb = R.block_count(n, bs)
     causal = np.tril(np.ones((n, n)))
     blk = rng.random((L, H, nb, nb))
     idx = np.arange(n) // bs
@@ -256,7 +256,7 @@ def write_profiles(folder, lengths=(128, 256), bs=16, layers=2, heads=4, kv_head
     for n in lengths:
         # heads change their reach with the length a little: the per-length losses then conflict
         reach = reach0 * np.exp(rng.normal(0, 0.7, (layers, heads)))
-        nb = -(-n // bs)
+        nb = R.block_count(n, bs)
         q, k = np.meshgrid(np.arange(nb), np.arange(nb), indexing="ij")
         dist = (q - k) / nb
         base = np.where(k <= q, 1.0, 0.0)
