@@ -1,18 +1,7 @@
 """The plan file: which elastic rule every head of a model follows.
 
-JSON, versioned, validated on load. Layout (version 1):
-
-    {
-      "format": "moa-search-plan", "version": 1,
-      "model": {"architecture", "model_type", "num_layers", "num_query_heads",
-                "num_kv_heads", "head_dim", "fingerprint"},
-      "sink": 64, "block_size": 64, "min_span": 1,
-      "granularity": "kv_head" | "query_head",
-      "rules": {"alpha": [[...] per layer], "beta": [[...] per layer]},   # per KV or query head
-      "budget": {"kind": "kv" | "compute", "density": 0.5, "lengths": [...]} | null,
-      "profiled_lengths": [...], "predicted_loss": {...}, "validation": {...},
-      "provenance": {"tool_version", "created", "calibration", "source", ...}
-    }
+JSON, versioned, validated once on load. The format (its fields and their JSON Schema) is
+defined in moa_search/schema.py; this module holds the Plan object, its I/O and builders.
 
 `rules` holds one (alpha, beta) per head of the plan's granularity: per KV head (the
 query heads of a GQA group share it) or per query head (a group's cache is then the max
@@ -25,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +22,10 @@ import numpy as np
 
 from . import rules as R
 from .errors import MoaError
+from .schema import FORMAT, GRANULARITIES, VERSION, first_error
 from .files import atomic_write, atomic_write_text  # noqa: F401  (re-exported: their old home)
 from .version import __version__
 
-FORMAT = "moa-search-plan"
-VERSION = 1
-GRANULARITIES = ("kv_head", "query_head")
 MOA_SINK = 64  # the official MoA tool keeps 64 sink tokens inside its span
 
 
@@ -123,7 +110,9 @@ class Plan:
     """Per-layer, per-head elastic rules for one model.
 
     alpha, beta: [num_layers][heads] with heads = num_kv_heads (granularity 'kv_head')
-    or num_query_heads ('query_head').
+    or num_query_heads ('query_head'). block_size: the profile's block size behind
+    predicted_loss, provenance only (moa_search/schema.py). A plan built in code is validated
+    here; `from_dict` validates the file's dict and builds with validated=True.
     """
 
     model: ModelShape
@@ -138,9 +127,11 @@ class Plan:
     predicted_loss: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    validated: InitVar[bool] = False
 
-    def __post_init__(self):
-        _validate(self.to_dict(), source="plan")
+    def __post_init__(self, validated: bool):
+        if not validated:
+            _validate(self.to_dict(), source="plan")
 
     # -- rules per query head (what attention executes) --------------------------
     def query_rules(self) -> tuple[np.ndarray, np.ndarray]:
@@ -207,84 +198,45 @@ class Plan:
             predicted_loss=d.get("predicted_loss") or {},
             validation=d.get("validation") or {},
             provenance=d.get("provenance") or {},
+            validated=True,
         )
 
 
 def _validate(d: Any, source: str) -> None:
-    """Raise PlanError naming the file, the field, and (for rules) the layer and head."""
+    """Raise PlanError naming the file, the field, and (for rules) the layer and head.
+
+    The format and version first (a newer file may be laid out differently), then the
+    schema (moa_search.schema), then what a schema cannot say: heads that divide, one row
+    per layer and one value per head of the plan's granularity."""
 
     def fail(msg):
         raise PlanError(f"{source}: {msg}")
 
-    if not isinstance(d, dict):
-        fail(f"expected a JSON object at the top level, got {type(d).__name__}")
-    if d.get("format") != FORMAT:
-        if "alphas" in d and "betas" in d:
-            fail("this is an official MoA plan ({'alphas', 'betas'}); import it with "
-                 "`moa plan convert --from-moa FILE --model MODEL_DIR -o OUT.json`")
-        fail(f"field 'format' must be {FORMAT!r}, got {d.get('format')!r}")
-    version = d.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        fail(f"field 'version' must be an integer, got {version!r}")
-    if version > VERSION:
-        fail(f"plan version {version} was written by a newer moa-search (this one reads up to {VERSION}); upgrade moa-search")
-    if version < 1:
-        fail(f"field 'version' must be >= 1, got {version}")
-    for key in ("model", "sink", "granularity", "rules"):
-        if key not in d:
-            fail(f"missing required field {key!r}")
+    if isinstance(d, dict) and d.get("format") != FORMAT and "alphas" in d and "betas" in d:
+        fail("this is an official MoA plan ({'alphas', 'betas'}); import it with "
+             "`moa plan convert --from-moa FILE --model MODEL_DIR -o OUT.json`")
+    if isinstance(d, dict) and d.get("format") == FORMAT:
+        version = d.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            fail(f"field 'version' must be an integer, got {version!r}")
+        if version > VERSION:
+            fail(f"plan version {version} was written by a newer moa-search (this one reads up to {VERSION}); "
+                 "upgrade moa-search")
+    error = first_error(d)
+    if error:
+        fail(error)
     m = d["model"]
-    if not isinstance(m, dict):
-        fail(f"field 'model' must be an object, got {type(m).__name__}")
-    for key in ("num_layers", "num_query_heads", "num_kv_heads", "head_dim"):
-        v = m.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            fail(f"field 'model.{key}' must be a positive integer, got {v!r}")
-    for key in ("architecture", "model_type"):
-        if not isinstance(m.get(key), str):
-            fail(f"field 'model.{key}' must be a string, got {m.get(key)!r}")
-    extra = set(m) - {"architecture", "model_type", "num_layers", "num_query_heads", "num_kv_heads", "head_dim", "fingerprint"}
-    if extra:
-        fail(f"unknown field(s) in 'model': {sorted(extra)}")
     if m["num_query_heads"] % m["num_kv_heads"]:
         fail(f"model.num_query_heads ({m['num_query_heads']}) must be a multiple of model.num_kv_heads ({m['num_kv_heads']})")
-    for key, lo in (("sink", 0), ("block_size", 1), ("min_span", 1)):
-        v = d.get(key, lo)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            fail(f"field {key!r} must be an integer >= {lo}, got {v!r}")
-    if d["granularity"] not in GRANULARITIES:
-        fail(f"field 'granularity' must be one of {GRANULARITIES}, got {d['granularity']!r}")
     heads = m["num_kv_heads"] if d["granularity"] == "kv_head" else m["num_query_heads"]
-    rules = d["rules"]
-    if not isinstance(rules, dict) or "alpha" not in rules or "beta" not in rules:
-        fail("field 'rules' must be an object with 'alpha' and 'beta'")
     for name in ("alpha", "beta"):
-        table = rules[name]
-        if not isinstance(table, list) or len(table) != m["num_layers"]:
-            got = len(table) if isinstance(table, list) else type(table).__name__
-            fail(f"rules.{name} must have one row per layer ({m['num_layers']}), got {got}")
+        table = d["rules"][name]
+        if len(table) != m["num_layers"]:
+            fail(f"rules.{name} must have one row per layer ({m['num_layers']}), got {len(table)}")
         for layer, row in enumerate(table):
-            if not isinstance(row, list) or len(row) != heads:
-                got = len(row) if isinstance(row, list) else type(row).__name__
+            if len(row) != heads:
                 fail(f"rules.{name}[{layer}] (layer {layer}) must have {heads} values, one per "
-                     f"{d['granularity'].replace('_', ' ')}, got {got}")
-            for head, v in enumerate(row):
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                    fail(f"rules.{name}[{layer}][{head}] (layer {layer}, head {head}) must be a finite number, got {v!r}")
-                if name == "beta" and v < 0:
-                    fail(f"rules.beta[{layer}][{head}] (layer {layer}, head {head}) must be >= 0, got {v!r}")
-    budget = d.get("budget")
-    if budget is not None:
-        if not isinstance(budget, dict):
-            fail("field 'budget' must be an object or null")
-        if budget.get("kind") not in ("kv", "compute"):
-            fail(f"field 'budget.kind' must be 'kv' or 'compute', got {budget.get('kind')!r}")
-        dens = budget.get("density")
-        if not isinstance(dens, (int, float)) or not 0 < dens <= 1:
-            fail(f"field 'budget.density' must be in (0, 1], got {dens!r}")
-    pl = d.get("profiled_lengths") or []
-    if not isinstance(pl, list) or not all(isinstance(n, int) and n > 0 for n in pl):
-        fail(f"field 'profiled_lengths' must be a list of positive integers, got {pl!r}")
+                     f"{d['granularity'].replace('_', ' ')}, got {len(row)}")
 
 
 # ----------------------------------------------------------------------------- I/O

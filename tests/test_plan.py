@@ -185,3 +185,37 @@ def test_json_schema_accepts_plans_and_rejects_broken_ones():
     d["granularity"] = "layer"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(d, PLAN_SCHEMA)
+
+
+@pytest.mark.parametrize("path,value", [
+    (("format",), "other"), (("version",), 0), (("granularity",), "layer"), (("sink",), -1), (("sink",), 1.5),
+    (("model", "head_dim"), 0), (("model", "architecture"), 3), (("model", "extra"), 1), (("model",), KeyError),
+    (("rules", "beta", 2, 1), -0.5), (("rules", "alpha", 0, 1), None), (("rules", "alpha", 1), "row"),
+    (("budget", "density"), 1.5), (("budget", "density"), 0), (("budget", "kind"), "flops"), (("budget",), 3),
+    (("profiled_lengths",), [512, 0]), (("min_span",), 0), (("block_size",), True),
+])
+def test_schema_and_the_loader_reject_the_same_plans(path, value):
+    """One definition: what the JSON Schema rejects (checked by jsonschema, an independent
+    validator) is what first_error, which the loader runs, reports; and plans pass both."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from moa_search.schema import PLAN_SCHEMA, first_error
+
+    for g in ("kv_head", "query_head"):
+        assert first_error(random_plan(g).to_dict()) is None
+    d = random_plan().to_dict()
+    d["budget"] = {"kind": "kv", "density": 0.5, "lengths": [512]}
+    assert first_error(d) is None
+    _edit(d, path, value)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(d, PLAN_SCHEMA)
+    error = first_error(d)
+    assert error and ".".join(str(k) for k in path if not isinstance(k, int)).split(".")[-1] in error
+
+
+def test_old_plan_files_without_block_size_still_load(tmp_path):
+    d = random_plan().to_dict()
+    del d["block_size"], d["min_span"]
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(d))
+    plan = load_plan(p)
+    assert plan.block_size == 64 and plan.min_span == 1
