@@ -200,8 +200,10 @@ def run(args) -> int:
     shape = plan.model if plan else resolve_shape(args.model_shape)
     sink = plan.sink if plan else args.sink
     densities = [] if plan else [float(x) for x in args.density.split(",") if x.strip()]
-    if any(not 0 < d <= 1 for d in densities):
-        raise SystemExit(f"--density values must be in (0, 1], got {args.density}")
+    try:
+        densities = [R.check_density(d, "--density") for d in densities]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     dtype = getattr(torch, args.dtype)
     B, Hq, Hkv, D = args.batch, shape.num_query_heads, shape.num_kv_heads, shape.head_dim
     scale = D ** -0.5

@@ -264,6 +264,7 @@ def densities(plan, n: int) -> dict:
 
 def build_configs(dense: bool, plans: list[str], uniform: list[float], sink: int) -> list[Config]:
     from moa_search.plan import load_plan
+    from moa_search.rules import check_density
 
     configs = [Config("dense")] if dense else []
     stems = [Path(p).stem for p in plans]
@@ -271,8 +272,7 @@ def build_configs(dense: bool, plans: list[str], uniform: list[float], sink: int
         name = stem if stems.count(stem) == 1 and stem != "plan" else f"{Path(path).parent.name}/{stem}"
         configs.append(Config(name, plan=load_plan(path)))
     for d in uniform:
-        if not 0 < d <= 1:
-            raise ValueError(f"--uniform-density must be in (0, 1], got {d}")
+        check_density(d, "--uniform-density")
         configs.append(Config(f"uniform@{d:g}", uniform_density=d, sink=sink))
     if not configs:
         raise ValueError("nothing to evaluate: give --dense, --plan PLAN and/or --uniform-density D")

@@ -32,6 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .plan import PlanError
+from .rules import check_density
 
 SOLVERS = ("highs", "cbc")
 
@@ -76,8 +77,10 @@ class Problem:
             raise SearchError(f"{U} units do not split into {self.layers} layers of whole groups of {self.group}")
         if not np.all(np.isfinite(self.loss)):
             raise SearchError("loss table has non-finite values (NaN/inf in the profile?)")
-        if not 0 < self.budget <= 1:
-            raise SearchError(f"budget must be a density in (0, 1], got {self.budget}")
+        try:
+            self.budget = check_density(self.budget, "budget")
+        except ValueError as e:
+            raise SearchError(str(e)) from None
         if self.lower is not None and not 0 <= self.lower <= self.budget:
             raise SearchError(f"lower bound {self.lower} must lie in [0, budget={self.budget}]")
         if self.max_rules_per_layer is not None and self.max_rules_per_layer < 1:

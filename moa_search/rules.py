@@ -108,6 +108,19 @@ def density(kind: str, sink, span, n):
     raise ValueError(f"density kind must be 'kv' or 'compute', got {kind!r}")
 
 
+def check_density(value, name: str = "budget") -> float:
+    """A density budget or target (either kind): a number in (0, 1]. Returns it as a float;
+    raises ValueError naming `name` otherwise. The one check of a budget's range: the search,
+    eval's uniform baselines and the benchmarks call it (plan files: schema.py)."""
+    try:
+        d = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a density in (0, 1], got {value!r}") from None
+    if not 0 < d <= 1:
+        raise ValueError(f"{name} must be a density in (0, 1], got {value!r}")
+    return d
+
+
 def candidate_grid(
     lengths: Sequence[int],
     alphas: Sequence[float] | None = None,
@@ -227,6 +240,6 @@ def group_max(values: np.ndarray, group: int) -> np.ndarray:
 
 __all__ = [
     "Rule", "span", "raw_span", "kept", "kept_matrix", "kv_density", "kept_pairs", "compute_density",
-    "density", "candidate_grid", "parse_lengths", "group_max", "block_count", "visited_key_blocks",
+    "density", "check_density", "candidate_grid", "parse_lengths", "group_max", "block_count", "visited_key_blocks",
     "block_drop_fraction",
 ]

@@ -111,3 +111,12 @@ def test_visited_key_blocks_are_the_blocks_of_kept_keys(sink, span, bs):
             assert not set(sink_blocks) & set(window_blocks)
             assert set(sink_blocks) | set(window_blocks) == needed, (q_first, q_last)
             assert list(sink_blocks) == sorted(sink_blocks) and list(window_blocks) == sorted(window_blocks)
+
+
+def test_check_density_is_the_one_range_check():
+    assert R.check_density(0.5) == 0.5 and R.check_density(1) == 1.0
+    for bad in (0, -0.1, 1.5, "x", None, float("nan")):
+        with pytest.raises(ValueError, match=r"budget must be a density in \(0, 1\]"):
+            R.check_density(bad)
+    with pytest.raises(ValueError, match="--uniform-density"):
+        R.check_density(2, "--uniform-density")
