@@ -225,13 +225,6 @@ def run_generate(args) -> int:
 # ----------------------------------------------------------------------------- front
 
 
-def _missing(name: str, issue: int):
-    def run(args) -> int:
-        print(f"moa {name}: this step is not built yet (issue #{issue}).", file=sys.stderr)
-        return 2
-    return run
-
-
 def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from moa_search import __version__
@@ -247,13 +240,7 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
         elif name == "generate":
             add_generate_arguments(p)
         else:
-            try:
-                mod = importlib.import_module(modname)
-            except ModuleNotFoundError as e:
-                if e.name != modname:
-                    raise
-                p.set_defaults(run=_missing(name, issue))
-                continue
+            mod = importlib.import_module(modname)
             mod.add_arguments(p)
             p.set_defaults(run=mod.run)
     return parser

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from moa_search.files import atomic_write
+from moa_search.rules import block_count
 from moa_search.plan import ModelShape, PlanError
 
 FORMAT = "moa-search-profile"
@@ -86,7 +87,7 @@ def load_profile(path: str | os.PathLike, expect_model: ModelShape | None = None
                    samples=int(meta["samples"]), model=model, calibration_hash=meta.get("calibration_hash", ""),
                    extra=json.loads(meta.get("extra") or "{}"))
     L, H = model.num_layers, model.num_query_heads
-    nb = -(-prof.length // prof.block_size)
+    nb = block_count(prof.length, prof.block_size)
     if tuple(influence.shape) != (L, H, nb, nb):
         raise ProfileError(f"{path}: influence has shape {tuple(influence.shape)}, expected {(L, H, nb, nb)} "
                            f"(layers, query heads, blocks, blocks) for length {prof.length}")

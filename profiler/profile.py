@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from moa_search import distributed
+from moa_search import rules as R
 from moa_search.apply import input_device
 from moa_search.losses import response_loss
 from moa_search.files import atomic_write
@@ -201,102 +203,142 @@ def _key_diff(have: dict, want: dict) -> str:
 # ----------------------------------------------------------------------------- one length
 
 
-def profile_length(model, ds, sel: Selection, settings: ProfileSettings, out_dir, shape: ModelShape,
-                   calib_hash: str, backend: str) -> Path:
-    """Profile one length (resuming from its checkpoint); returns the profile file's path."""
-    import torch.distributed as dist
+@dataclass
+class RunningSum:
+    """A length's influence summed so far: over samples [0, next) of its selection."""
 
-    rank, world = distributed.info()
-    L, H, bs = shape.num_layers, shape.num_query_heads, settings.block_size
-    nb = -(-sel.length // bs)
-    ids_all = _ids(ds)
-    sample_ids = [ids_all[i] for i in sel.indices]
-    key = run_key(shape, calib_hash, bs, sel.length, sample_ids)
-    final = profile_path(out_dir, sel.length)
-    ckpt = checkpoint_path(out_dir, sel.length)
+    total: torch.Tensor               # float64 [layers, Hq, nb, nb], CPU
+    next: int = 0
+    count: int = 0                    # samples summed (all ranks)
+    loss_sum: float = 0.0
 
-    if final.exists() and not settings.restart:
-        done = load_profile(final)
-        diff = _key_diff(done.extra.get("run_key", {}), key)
-        if not diff:
-            log.info("length %d: %s already holds this profile, skipping", sel.length, final)
-            return final
+
+def existing_profile(final: Path, key: dict, settings: ProfileSettings) -> bool:
+    """True when `final` already holds this run's profile (skip the length); raises when it
+    holds another run's and --restart was not given."""
+    if not final.exists() or settings.restart:
+        return False
+    done = load_profile(final)
+    diff = _key_diff(done.extra.get("run_key", {}), key)
+    if diff:
         raise ProfileError(f"{final} exists from another run ({diff}); pass --restart to overwrite it "
                            "or choose another output folder")
+    return True
 
-    total = torch.zeros(L, H, nb, nb, dtype=torch.float64)
-    nxt, count, loss_sum = 0, 0, 0.0
+
+def resume_sum(ckpt: Path, key: dict, settings: ProfileSettings, shape: ModelShape, nb: int, length: int,
+               samples: int) -> RunningSum:
+    """The running sum of this length: from its checkpoint, or zero."""
+    run = RunningSum(torch.zeros(shape.num_layers, shape.num_query_heads, nb, nb, dtype=torch.float64))
     if ckpt.exists() and not settings.restart:
         saved, info = _load_checkpoint(ckpt)
         diff = _key_diff(info.get("key", {}), key)
         if diff:
             raise ProfileError(f"{ckpt}: checkpoint of another run ({diff}); pass --restart to discard it")
-        total, nxt, count, loss_sum = saved, int(info["next"]), int(info["count"]), float(info["loss_sum"])
-        log.info("length %d: resuming after sample %d of %d (%s)", sel.length, nxt, len(sel.indices), ckpt)
+        run = RunningSum(saved, int(info["next"]), int(info["count"]), float(info["loss_sum"]))
+        log.info("length %d: resuming after sample %d of %d (%s)", length, run.next, samples, ckpt)
+    return run
+
+
+def sum_chunk(model, columns, sel: Selection, sample_ids: list[str], c0: int, c1: int, state: SampleInfluence,
+              bar) -> torch.Tensor:
+    """Add the influence of samples [c0, c1) of the selection into state.target (this rank's
+    share: every world-th sample), all-reduced over ranks. Returns float64 [3] on the device:
+    samples done, their loss sum, ranks that failed."""
+    import torch.distributed as dist
+
+    rank, world = distributed.info()
+    delta = state.target
+    delta.zero_()
+    stats = torch.zeros(3, dtype=torch.float64, device=delta.device)   # samples, loss sum, failed ranks
+    error = None
+    for pos in range(c0 + rank, c1, world):
+        row = columns[sel.indices[pos]]
+        try:
+            _, loss = sample_influence(model, row["input_ids"], row["response_start"],
+                                       row["response_end"], state, sample_ids[pos])
+        except ProfileError as e:      # delta is now spoilt, but the run stops at this chunk
+            if world == 1:
+                raise
+            error, stats[2] = e, 1.0
+            break
+        stats[0] += 1
+        stats[1] += loss
+        if world == 1:
+            bar.update(1)
+    if world > 1:
+        dist.all_reduce(delta)
+        dist.all_reduce(stats)
+        if stats[2] > 0:
+            raise error or ProfileError(f"length {sel.length}: another rank stopped on a non-finite "
+                                        "gradient (its log names the sample)")
+        bar.update(c1 - c0)
+    return stats
+
+
+def write_profile(final: Path, ckpt: Path, run: RunningSum, sel: Selection, settings: ProfileSettings,
+                  shape: ModelShape, calib_hash: str, key: dict, backend: str, dtype, first: int,
+                  seconds: float) -> None:
+    """The profile file of one length (the mean over samples); its checkpoint is removed."""
+    _, world = distributed.info()
+    extra = {"run_key": key, "skipped": sel.skipped, "loss_mean": run.loss_sum / max(run.count, 1),
+             "backend": backend, "world_size": world, "dtype": str(dtype).replace("torch.", ""),
+             "min_fill": settings.min_fill,
+             # this run's loop (a resumed run counts only what it did): throughput for BENCHMARKS
+             "run_samples": run.next - first, "run_seconds": round(seconds, 3)}
+    prof = Profile(influence=run.total / max(run.count, 1), length=sel.length, block_size=settings.block_size,
+                   samples=run.count, model=shape, calibration_hash=calib_hash, extra=extra)
+    save_profile(prof, final)
+    ckpt.unlink(missing_ok=True)
+    try:
+        ckpt.parent.rmdir()          # only when no other length's checkpoint is left
+    except OSError:
+        pass
+
+
+def profile_length(model, ds, sel: Selection, settings: ProfileSettings, out_dir, shape: ModelShape,
+                   calib_hash: str, backend: str) -> Path:
+    """Profile one length (resuming from its checkpoint); returns the profile file's path."""
+    rank, world = distributed.info()
+    nb = R.block_count(sel.length, settings.block_size)
+    ids_all = _ids(ds)
+    sample_ids = [ids_all[i] for i in sel.indices]
+    key = run_key(shape, calib_hash, settings.block_size, sel.length, sample_ids)
+    final = profile_path(out_dir, sel.length)
+    ckpt = checkpoint_path(out_dir, sel.length)
+    if existing_profile(final, key, settings):
+        log.info("length %d: %s already holds this profile, skipping", sel.length, final)
+        return final
+    run = resume_sum(ckpt, key, settings, shape, nb, sel.length, len(sel.indices))
+
+    from tqdm.auto import tqdm
 
     dev = input_device(model)
     chunk = max(1, settings.checkpoint_every) * world
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(sel.indices), initial=nxt, desc=f"profile {sel.length}", unit="sample",
+    bar = tqdm(total=len(sel.indices), initial=run.next, desc=f"profile {sel.length}", unit="sample",
                disable=not settings.progress or rank != 0, dynamic_ncols=True)
     columns = ds.select_columns(list(REQUIRED))
-    delta = torch.zeros(L, H, nb, nb, dtype=torch.float64, device=dev)   # this chunk's sum (this rank)
-    state = SampleInfluence(backend=backend, block_size=bs, target=delta)
-    t0, first = time.perf_counter(), nxt
+    delta = torch.zeros(shape.num_layers, shape.num_query_heads, nb, nb, dtype=torch.float64, device=dev)
+    state = SampleInfluence(backend=backend, block_size=settings.block_size, target=delta)  # a chunk's sum (this rank)
+    t0, first = time.perf_counter(), run.next
     with dense_profiling(model, state):
-        for c0 in range(nxt, len(sel.indices), chunk):
+        for c0 in range(run.next, len(sel.indices), chunk):
             c1 = min(len(sel.indices), c0 + chunk)
-            delta.zero_()
-            stats = torch.zeros(3, dtype=torch.float64, device=dev)   # samples, loss sum, failed ranks
-            error = None
-            for pos in range(c0 + rank, c1, world):
-                row = columns[sel.indices[pos]]
-                try:
-                    _, loss = sample_influence(model, row["input_ids"], row["response_start"],
-                                               row["response_end"], state, sample_ids[pos])
-                except ProfileError as e:      # delta is now spoilt, but the run stops at this chunk
-                    if world == 1:
-                        raise
-                    error, stats[2] = e, 1.0
-                    break
-                stats[0] += 1
-                stats[1] += loss
-                if world == 1:
-                    bar.update(1)
-            if world > 1:
-                dist.all_reduce(delta)
-                dist.all_reduce(stats)
-                if stats[2] > 0:
-                    raise error or ProfileError(f"length {sel.length}: another rank stopped on a non-finite "
-                                                "gradient (its log names the sample)")
-                bar.update(c1 - c0)
-            total += delta.cpu()
-            count += int(stats[0])
-            loss_sum += float(stats[1])
-            nxt = c1
+            stats = sum_chunk(model, columns, sel, sample_ids, c0, c1, state, bar)
+            run.total += delta.cpu()
+            run.count += int(stats[0])
+            run.loss_sum += float(stats[1])
+            run.next = c1
             if rank == 0:
-                _save_checkpoint(ckpt, total, {"key": key, "next": nxt, "count": count, "loss_sum": loss_sum})
+                _save_checkpoint(ckpt, run.total, {"key": key, "next": run.next, "count": run.count,
+                                                   "loss_sum": run.loss_sum})
             distributed.barrier()
     bar.close()
     seconds = time.perf_counter() - t0
-    log.info("length %d: %d samples in %.1f s on %d rank(s) (%.3f samples/s)", sel.length, nxt - first, seconds,
-             world, (nxt - first) / max(seconds, 1e-9))
-
+    log.info("length %d: %d samples in %.1f s on %d rank(s) (%.3f samples/s)", sel.length, run.next - first, seconds,
+             world, (run.next - first) / max(seconds, 1e-9))
     if rank == 0:
-        extra = {"run_key": key, "skipped": sel.skipped, "loss_mean": loss_sum / max(count, 1),
-                 "backend": backend, "world_size": world, "dtype": str(model.dtype).replace("torch.", ""),
-                 "min_fill": settings.min_fill,
-                 # this run's loop (a resumed run counts only what it did): throughput for BENCHMARKS
-                 "run_samples": nxt - first, "run_seconds": round(seconds, 3)}
-        prof = Profile(influence=total / max(count, 1), length=sel.length, block_size=bs, samples=count,
-                       model=shape, calibration_hash=calib_hash, extra=extra)
-        save_profile(prof, final)
-        ckpt.unlink(missing_ok=True)
-        try:
-            ckpt.parent.rmdir()          # only when no other length's checkpoint is left
-        except OSError:
-            pass
+        write_profile(final, ckpt, run, sel, settings, shape, calib_hash, key, backend, model.dtype, first, seconds)
     distributed.barrier()
     return final
 
@@ -330,6 +372,20 @@ def calibration_hash_of(ds) -> str:
     from moa_search.calibrate import calibration_hash
 
     return calibration_hash(ds) if "id" in ds.column_names else str(getattr(ds, "_fingerprint", ""))
+
+
+def profile_influence(model, calibration, lengths, out_dir, **settings) -> dict[int, Path]:
+    """The `moa profile` step from Python: {length: profile file} in out_dir.
+
+    model: a causal LM (weights are frozen here); calibration: a calibration set (the dataset
+    `build_calibration` returns or `load_calibration` reads) or its folder; lengths: the
+    lengths to profile; settings: the other fields of ProfileSettings (block_size,
+    max_samples, backend, checkpoint_every, min_fill, restart, plots, progress)."""
+    if isinstance(calibration, (str, os.PathLike)):
+        from moa_search.calibrate import load_calibration
+
+        calibration = load_calibration(calibration)
+    return profile_model(model, calibration, ProfileSettings(lengths=[int(n) for n in lengths], **settings), out_dir)
 
 
 def profile_model(model, ds, settings: ProfileSettings, out_dir, calib_hash: str | None = None) -> dict[int, Path]:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from moa_search.rules import block_count
+
 EPS = 1e-4
 
 
@@ -45,7 +47,7 @@ def _rows(n: int, per_row: int, chunk_elems: int, multiple: int = 1) -> int:
     """Rows per chunk so that a chunk holds at most ~chunk_elems elements (a multiple of `multiple`)."""
     rows = max(1, chunk_elems // max(1, per_row))
     rows = max(multiple, rows // multiple * multiple)
-    return min(rows, -(-n // multiple) * multiple)
+    return min(rows, block_count(n, multiple) * multiple)
 
 
 def dense_forward(q, k, v, scale: float, chunk_elems: int = 1 << 24):
@@ -111,7 +113,7 @@ def influence_reference(q, k, v, do, lse, scale: float, block_size: int = 64,
     Hkv = k.shape[1]
     G = Hq // Hkv
     bs = int(block_size)
-    nb = -(-N // bs)
+    nb = block_count(N, bs)
     acc = acc_dtype(q)
     out = torch.zeros(B, Hq, nb, nb, dtype=acc, device=q.device)
     rows = _rows(N, N, chunk_elems, multiple=bs)                       # whole query blocks per chunk
@@ -136,6 +138,6 @@ def influence_reference(q, k, v, do, lse, scale: float, block_size: int = 64,
 def block_sum(e: torch.Tensor, bs: int, nb_cols: int) -> torch.Tensor:
     """[n, m] -> [ceil(n/bs), nb_cols]: sums over bs x bs tiles (zero-padded at the tails)."""
     n, m = e.shape
-    nbr = -(-n // bs)
+    nbr = block_count(n, bs)
     padded = torch.nn.functional.pad(e, (0, nb_cols * bs - m, 0, nbr * bs - n))
     return padded.view(nbr, bs, nb_cols, bs).sum(dim=(1, 3))

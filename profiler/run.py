@@ -73,7 +73,7 @@ def load_for_profiling(path: str, device: str | None, dtype: str, device_map=Non
 def run(args) -> int:
     from moa_search.calibrate import load_calibration
     from moa_search import distributed
-    from moa_search.profiler.profile import ProfileSettings, enable_activation_checkpointing, profile_model
+    from moa_search.profiler.profile import enable_activation_checkpointing, profile_influence
     from moa_search.rules import parse_lengths
 
     started = distributed.init()
@@ -93,10 +93,10 @@ def run(args) -> int:
         model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map))
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        settings = ProfileSettings(lengths=lengths, block_size=args.block_size, max_samples=args.max_samples,
-                                   backend=args.backend, checkpoint_every=args.checkpoint_every,
-                                   min_fill=args.min_fill, restart=args.restart, plots=not args.no_plots)
-        out = profile_model(model, ds, settings, args.output)
+        out = profile_influence(model, ds, lengths, args.output, block_size=args.block_size,
+                                max_samples=args.max_samples, backend=args.backend,
+                                checkpoint_every=args.checkpoint_every, min_fill=args.min_fill,
+                                restart=args.restart, plots=not args.no_plots)
         if rank == 0:
             for n, path in out.items():
                 print(f"{n}\t{path}")
