@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from moa_search.apply import input_device
-from moa_search.losses import response_loss, response_losses  # noqa: F401  (response_loss: eval's old home)
+from moa_search.losses import response_losses
 
 METRICS = ("retrieval", "ppl")
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import rules as R
 from .errors import MoaError
 from .schema import FORMAT, GRANULARITIES, VERSION, first_error
-from .files import atomic_write, atomic_write_text  # noqa: F401  (re-exported: their old home)
+from .files import atomic_write, atomic_write_text  # noqa: F401  (bench_decode imports atomic_write_text from here)
 from .version import __version__
 
 MOA_SINK = 64  # the official MoA tool keeps 64 sink tokens inside its span

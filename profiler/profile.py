@@ -257,7 +257,7 @@ def sum_chunk(model, columns, sel: Selection, sample_ids: list[str], c0: int, c1
         try:
             _, loss = sample_influence(model, row["input_ids"], row["response_start"],
                                        row["response_end"], state, sample_ids[pos])
-        except ProfileError as e:      # delta is now spoilt, but the run stops at this chunk
+        except ProfileError as e:      # delta is spoilt, but the run stops at this chunk
             if world == 1:
                 raise
             error, stats[2] = e, 1.0
