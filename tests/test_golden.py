@@ -42,3 +42,12 @@ def test_demo_quick_search_gives_the_recorded_plans(tmp_path):
     assert [p.name for p in got] == [p.name for p in want]
     for g, w in zip(got, want):
         assert_same_plan(g, w)
+
+
+def test_search_plans_from_python_gives_the_same_plan(tmp_path):
+    import moa_search
+
+    res = moa_search.search_plans(DATA, 0.5, tmp_path / "s", sink=16, extend_lengths=[1536], pareto_points=4,
+                                  progress=False, jobs=1)
+    assert_same_plan(tmp_path / "s" / "plan.json", DATA / "plan.json")
+    assert res.plan.to_dict()["rules"] == json.loads((DATA / "plan.json").read_text())["rules"]
