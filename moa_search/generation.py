@@ -150,9 +150,17 @@ class GreedyDecoder:
 
 
 def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefill_chunk: int | None = None,
-           graph: bool = True, eos_token_id=None, pad_token_id=None, check_every: int = 16) -> torch.Tensor:
+           graph: bool = True, eos_token_id=None, pad_token_id=None, check_every: int = 16,
+           timings: dict | None = None) -> torch.Tensor:
     """Greedy generation with the compressed cache: [B, P] -> [B, P + new], transformers' tokens
-    (rows that ended pad with pad_token_id; stops when every row ended)."""
+    (rows that ended pad with pad_token_id; stops when every row ended).
+
+    timings: a dict to fill (CUDA, synchronising): first_token_s (prefill + first token, from the
+    call), capture_s (graph: the eager warm-up step + the capture), decode_s and decode_steps
+    (the replays; without the graph every later step)."""
+    import time
+
+    t0 = time.perf_counter()
     gc = model.generation_config
     eos = gc.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -165,12 +173,20 @@ def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefi
     dec = GreedyDecoder(model, cache, first, real_lengths(attention_mask, B, P, input_ids.device), max_new_tokens,
                         eos, pad)
     steps = max_new_tokens - 1
+    if timings is not None:
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        timings["first_token_s"] = t1 - t0
     with torch.no_grad():
         done_steps = 0
         if graph and steps > 0:
             seen = cache.get_seq_length()
             dec.capture()
             done_steps = 1
+            if timings is not None:   # the eager warm-up step and the capture, apart from the replays
+                torch.cuda.synchronize()
+                timings["capture_s"] = time.perf_counter() - t1
+                t1 = time.perf_counter()
             while done_steps < steps:
                 dec.replay()
                 done_steps += 1
@@ -184,6 +200,10 @@ def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefi
                 done_steps += 1
                 if eos and done_steps % check_every == 0 and bool(dec.done.all()):
                     break
+    if timings is not None:
+        torch.cuda.synchronize()
+        timings["decode_s"] = time.perf_counter() - t1
+        timings["decode_steps"] = done_steps - (1 if graph and steps > 0 else 0)
     new = dec.out[:, :done_steps + 1]
     if eos:  # transformers stops after the step at which the last row ended
         ended = torch.isin(new, dec.eos)
