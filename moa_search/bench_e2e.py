@@ -14,7 +14,9 @@ greedily from a random prompt of --prompt-len tokens, through each path:
 at batch 1 and at the largest batch that fits (estimated from the bytes a sequence needs, then
 lowered on out-of-memory; capped by --max-batch). Reported per row: time to first token (the
 prefill and the first token, ms), decode ms per token and tokens/s (median over --repeats runs;
-per token = (time of the last token - time of the first) / (new tokens - 1)), peak GPU memory,
+per token: transformers' loops, the median gap between consecutive tokens (compilation and
+graph recording fall in the first gaps); moa-graph, the replays' total / their number, the
+capture reported apart), peak GPU memory,
 and the decode floor: the bytes a step must read (the weights, less the input embedding, plus
 the KV cache it attends to) / the measured HBM bandwidth (a large device copy).
 
@@ -57,6 +59,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill-chunk", type=int, default=4096,
                    help="moa-graph prefills the prompt into the compressed cache in chunks of this many tokens")
     p.add_argument("--moa-eager-max", action="store_true", help="also run moa-eager at the largest batch (slow)")
+    p.add_argument("--long", type=int, default=0,
+                   help="also prefill one prompt of this many tokens (e.g. 131072) at batch 1: the first plan's "
+                        "moa-graph (chunked into the compressed cache) and hf-default (dense cache); time and peak")
     p.add_argument("--json", help="write the results here (updated after every row)")
 
 
@@ -175,16 +180,21 @@ def run_once(model, path: str, ids, args) -> tuple[float, float, float]:
             generation.generate(model, input_ids=ids, attention_mask=mask, loop="hf", **kw)
         else:
             raise ValueError(path)
-    return stamp.t[0] - t0, (stamp.t[-1] - stamp.t[0]) / max(1, len(stamp.t) - 1), 0.0
+    # per token: the median gap between tokens, so that torch.compile's first decode steps (the
+    # compile, the CUDA-graph recording) do not count as decoding
+    gaps = [b - a for a, b in zip(stamp.t, stamp.t[1:])]
+    return stamp.t[0] - t0, statistics.median(gaps) if gaps else float("nan"), 0.0
 
 
-def measure(model, path, batch, args, log) -> dict | None:
-    """Median of --repeats runs at `batch` (one untimed warm-up run first); None on out-of-memory."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
+def measure(model, path, batch, args, log, warm: bool = True, prompt_len: int | None = None) -> dict | None:
+    """Median of --repeats runs at `batch`, after one untimed run if `warm` (Triton's autotuning,
+    torch.compile, cuBLAS's choices happen there); None on out-of-memory."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len or args.prompt_len), device="cuda")
     try:
         free()
         torch.cuda.reset_peak_memory_stats()
-        run_once(model, path, ids, args)               # compiles (Triton, torch.compile, cuBLAS)
+        if warm:
+            run_once(model, path, ids, args)
         runs = [run_once(model, path, ids, args) for _ in range(args.repeats)]
     except torch.OutOfMemoryError:
         free()
@@ -282,6 +292,7 @@ def run(args) -> int:
            "rows": []}
 
     def save():
+        res["rows"].sort(key=lambda r: (PATHS.index(r["path"]), r["plan"], r["batch"]))
         if args.json:
             from .plan import atomic_write_text
 
@@ -299,12 +310,19 @@ def run(args) -> int:
             if path == "moa-eager" and i > 0 and not args.moa_eager_max:
                 continue
             r = None
-            while b >= 1:
-                r = measure(model, path, b, args, log)
-                if r is not None:
-                    break
-                log(f"  {path} batch {b}: out of memory")
-                b = int(b * 0.75)
+            try:
+                while b >= 1:
+                    # the first batch warms the kernels up for the others
+                    r = measure(model, path, b, args, log, warm=i == 0)
+                    if r is not None:
+                        break
+                    log(f"  {path} batch {b}: out of memory")
+                    b = int(b * 0.75)
+            except Exception as e:  # one failing path must not lose the others' rows
+                log(f"  {path} batch {b}: failed: {type(e).__name__}: {e}")
+                res.setdefault("errors", []).append(f"{path} {label} batch {b}: {type(e).__name__}: {e}")
+                free()
+                continue
             if r is None:
                 continue
             kv = b * kv_bytes_per_seq(model, plan, args.prompt_len + args.new_tokens // 2, final)
@@ -313,10 +331,10 @@ def run(args) -> int:
             res["rows"].append(r)
             save()
 
-    remove_plan(model) if getattr(model, "moa_plan", None) else None
-    for path in [p for p in paths if p.startswith("hf-")]:
-        log(f"{path}:")
-        row(path, "dense", None, 1.0)
+    if args.long:
+        res["long"] = long_prefill(model, plans[0], args, log)
+        save()
+    # the plan's paths first, transformers' compiled path (the longest to warm up) last
     for label, plan in plans:
         apply_plan(model, plan)
         dens = kv_bytes_per_seq(model, plan, final, final) / kv_bytes_per_seq(model, None, final, final)
@@ -324,9 +342,42 @@ def run(args) -> int:
             log(f"{path} ({label}, KV density {dens:.3f}):")
             row(path, label, plan, dens)
         remove_plan(model)
+    for path in [p for p in paths if p.startswith("hf-")]:
+        log(f"{path}:")
+        row(path, "dense", None, 1.0)
     print(format_table(res))
     save()
     return 0
+
+
+def long_prefill(model, plan, args, log) -> list[dict]:
+    """One prompt of --long tokens at batch 1, to its first token: the plan's chunked prefill into
+    the compressed cache (kernels compiled first on a short prompt), then transformers' default
+    (dense cache)."""
+    from .apply import apply_plan, remove_plan
+
+    out = []
+    short = type(args)(**{**vars(args), "new_tokens": 2, "repeats": 1})
+    for path, label in (("moa-graph", plan[0]), ("hf-default", "dense")):
+        if path == "moa-graph":
+            apply_plan(model, plan[1])
+        try:
+            if path == "moa-graph":  # compiles the kernels on a short prompt (first chunk + one chunk on the cache)
+                measure(model, path, 1, short, log, warm=False, prompt_len=2 * args.prefill_chunk)
+            r = measure(model, path, 1, short, log, warm=False, prompt_len=args.long)
+        except Exception as e:
+            log(f"  long {path}: failed: {type(e).__name__}: {e}")
+            r = None
+        if path == "moa-graph":
+            remove_plan(model)
+        if r is None:
+            out.append({"path": path, "plan": label, "prompt_len": args.long, "fits": False})
+            continue
+        out.append({"path": path, "plan": label, "prompt_len": args.long, "fits": True, "ttft_ms": r["ttft_ms"],
+                    "peak_gib": r["peak_gib"]})
+        save_note = f"  long prompt {args.long}: {path} ({label}) first token {r['ttft_ms'] / 1e3:.2f} s, peak {r['peak_gib']:.1f} GiB"
+        log(save_note)
+    return out
 
 
 def format_table(res) -> str:
@@ -340,4 +391,10 @@ def format_table(res) -> str:
         lines.append(f"| {r['path']} | {r['plan']} ({r['kv_density']:.2f}) | {r['batch']} | {r['ttft_ms']:.0f} | "
                      f"{r['decode_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | "
                      f"{r['peak_gib']:.1f} |")
+    for r in res.get("long", []):
+        lines.append(f"\nprompt of {r['prompt_len']} tokens, batch 1, {r['path']} ({r['plan']}): " +
+                     (f"first token after {r['ttft_ms'] / 1e3:.2f} s, peak {r['peak_gib']:.1f} GiB" if r["fits"]
+                      else "out of memory"))
+    for e in res.get("errors", []):
+        lines.append(f"\nerror: {e}")
     return "\n".join(lines)
