@@ -244,7 +244,7 @@ def kernel_alone(model, args, dtype, device):
 
 
 def run(args) -> int:
-    from . import apply_plan, remove_plan
+    from .apply import apply_plan, remove_plan
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -227,8 +227,9 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int | N
     P = input_ids.shape[1]
     if max_new_tokens is None:
         max_new_tokens = (max_length - P) if max_length is not None else model.generation_config.max_new_tokens
-    if max_new_tokens is None:
-        raise ValueError("moa_search.generate needs max_new_tokens (or max_length)")
+    if max_new_tokens is None or max_new_tokens < 1:
+        raise ValueError(f"moa_search.generate needs max_new_tokens >= 1 (or max_length > the prompt's {P}), "
+                         f"got {max_new_tokens}")
     if loop not in ("auto", "graph", "static", "hf"):
         raise ValueError(f"loop must be 'auto', 'graph', 'static' or 'hf', got {loop!r}")
     greedy_ok = _greedy_only(model, kwargs)

@@ -159,6 +159,9 @@ class MoaLayer(CacheLayerMixin):
                 f"MoaCache was sized for {owner.final_length} tokens (prompt + max_new_tokens at the first forward) but "
                 f"this forward brings the sequence to {self.seen + nq}; the heads' windows may not fit. Make a cache with "
                 f"a larger max_length (moa_search.MoaCache(model, max_length=...)) or a larger max_new_tokens")
+        if self.layer_idx == 0 and runtime_of(owner.model()) is not owner.runtime:
+            raise MoaCacheError("the model's plan was applied again (or removed) after this MoaCache was made; "
+                                "make a new cache (moa_search.make_cache) for the plan now applied")
         kv = owner.storage(key_states)
         owner.runtime.stage(self.layer_idx, key_states, value_states, kv, first=self.seen == 0)
         self.seen += nq
@@ -212,6 +215,7 @@ class MoaCache(Cache):
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         super().__init__(layers=[MoaLayer(self, i) for i in range(len(mods))])
         self.runtime = runtime
+        self.model = weakref.ref(model)
         runtime.clear_staged()   # keys a cache staged on a model whose attention was switched away
         self.devices = layer_devices(model)
         self.max_new_tokens = max_new_tokens

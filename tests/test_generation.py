@@ -148,6 +148,19 @@ def test_a_cache_too_small_is_refused_clearly():
             model(input_ids=ids[:1, :1], use_cache=True, **{moa_search.cache_kwarg(model): cache})
 
 
+def test_a_cache_outlived_by_its_plan_is_refused():
+    """A cache belongs to the plan applied when it was made: after apply_plan again (another plan)
+    or remove_plan it refuses to serve, instead of attending over a layout of other rules."""
+    model = tiny_model()
+    apply_plan(model, plan_for(model))
+    ids, mask = batch()
+    cache = make_cache(model, max_new_tokens=NEW)
+    apply_plan(model, plan_for(model, "query_head"))
+    with pytest.raises(MoaCacheError, match="applied again"):
+        with torch.no_grad():
+            prefill(model, cache, ids, mask)
+
+
 def test_beam_search_and_sampling_go_through_transformers():
     model = tiny_model()
     apply_plan(model, plan_for(model))
