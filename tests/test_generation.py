@@ -71,6 +71,27 @@ def test_static_step_equals_eager_generate_and_reference(granularity):
                        reference(mha, ids, mask))
 
 
+def test_static_step_touches_only_buffers_allocated_before_it():
+    """What a CUDA graph needs (checked here without one): every step reads and writes the same
+    cache buffers and counters, allocated at the prefill, and the host counters are not consulted."""
+    from moa_search.generation import GreedyDecoder, positions  # noqa: F401
+
+    model = tiny_model()
+    apply_plan(model, plan_for(model))
+    ids, mask = batch()
+    cache = make_cache(model, max_new_tokens=NEW)
+    first = prefill(model, cache, ids, mask).argmax(-1)
+    kv = cache.kv
+    before = [t.data_ptr() for t in (*kv.keys, *kv.values, kv.n, kv.n_prev, kv.rows, kv.spans)]
+    dec = GreedyDecoder(model, cache, first, mask.sum(-1), NEW, [], 0)
+    for _ in range(NEW - 1):
+        dec.step()
+    assert [t.data_ptr() for t in (*kv.keys, *kv.values, kv.n, kv.n_prev, kv.rows, kv.spans)] == before
+    assert kv.n.tolist() == (mask.sum(-1) + NEW - 1).tolist()
+    want = reference(model, ids, mask)
+    assert torch.equal(dec.out, want[:, PROMPT:])
+
+
 def test_static_step_stops_like_transformers_at_eos():
     model = tiny_model()
     apply_plan(model, plan_for(model))
