@@ -11,8 +11,8 @@ import warnings
 import torch
 
 from .attention import BACKENDS, LayerRule
-from .hf_adapter import (MoaCache, attach, attention_modules, cache_kwarg, layer_devices,  # noqa: F401
-                         runtime_of)
+# attention_modules and cache_kwarg are re-exported: callers find them here
+from .hf_adapter import MoaCache, attach, attention_modules, cache_kwarg, layer_devices  # noqa: F401
 from .plan import ModelShape, Plan, check_plan_fits, load_plan
 from .runtime import Runtime
 

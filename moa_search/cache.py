@@ -70,7 +70,6 @@ class CompressedKV:
             self.max_slots.append(self.s0 + int(cap.max()))
             self.keys.append(torch.zeros(batch, int(slots.sum()), head_dim, dtype=dtype, device=dev))
             self.values.append(torch.zeros_like(self.keys[-1]))
-        self.max_cap = max(int(c.max()) for c in caps)
         # per-forward state, shared by the layers (on layer 0's device)
         self.n = torch.zeros(batch, dtype=torch.int64, device=dev0)        # real tokens after this forward
         self.n_prev = torch.zeros_like(self.n)                              # ... before it
@@ -139,7 +138,7 @@ class CompressedKV:
 
         k, v: [B, Hkv, Nq, D] the chunk (real tokens [start, end), chunk-relative), not yet
         written. Returns (kw, vw [B*Hkv, 1, W + Nq, D], start_w, end_w int64 [B*Hkv]) with
-        W = s0 + max cap: per (sequence, KV head), the cached positions in increasing order,
+        W = s0 + the layer's widest ring: per (sequence, KV head), the cached positions in increasing order,
         right-aligned against the chunk. Position counting from start_w is then exact for the
         sink (it holds positions 0..s0-1, all kept) and is the true position minus a constant
         for the window and the chunk, so every query-key distance, hence the kept set
@@ -150,7 +149,7 @@ class CompressedKV:
         dev = k.device
         n = self._on(self.n_prev, layer)[:, None, None]                      # [B, 1, 1] cached before
         cap = self.cap[layer].view(1, Hkv, 1)
-        W = self.s0 + self.max_cap
+        W = self.max_slots[layer]                                            # s0 + this layer's widest ring
         held = torch.minimum(n, self.s0 + cap)                               # tokens held per (b, h)
         in_sink = torch.minimum(n, torch.full_like(n, self.s0))
         i = torch.arange(W, device=dev).view(1, 1, W) - (W - held)          # rank among the held, < 0: empty

@@ -74,7 +74,7 @@ def test_static_step_equals_eager_generate_and_reference(granularity):
 def test_static_step_touches_only_buffers_allocated_before_it():
     """What a CUDA graph needs (checked here without one): every step reads and writes the same
     cache buffers and counters, allocated at the prefill, and the host counters are not consulted."""
-    from moa_search.generation import GreedyDecoder, positions  # noqa: F401
+    from moa_search.generation import GreedyDecoder
 
     model = tiny_model()
     apply_plan(model, plan_for(model))
