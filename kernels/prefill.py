@@ -35,16 +35,14 @@ interpreter, other GPUs, decode-shaped calls, fp32, pinned block shapes).
 from __future__ import annotations
 
 import os
-from collections import Counter
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-# How many times the kernel ran (the dispatch tests read it; host side only).
-CALLS: Counter = Counter()
+from . import prefill_hopper
+# the visited blocks and token masks, shared with the Gluon kernel (re-exported for tests)
+from .blocks import LOG2E, _block_start, _item_blocks, _key_blocks, _mask_kind, _sink_fits, _token_mask  # noqa: F401
 
 
 def _interpreted() -> bool:
@@ -71,68 +69,6 @@ def _load_kv(k_base, v_base, skn, svn, n, Nk, KD, VD, b, kvh,
         k = tl.load(k_base + cols[:, None] * skn + d[None, :])
         v = tl.load(v_base + cols[:, None] * svn + d[None, :])
     return k, v
-
-
-@triton.jit
-def _item_blocks(q_first, q_last, st, en, s, sink, Nk, BLOCK_N: tl.constexpr):
-    """_key_blocks counted in the Gluon kernel's visit order (_block_start): (sink_lo, a, i_lo,
-    i_hi, c_sink, c_edge, c_int, T), with c_int interior blocks and T blocks in all."""
-    sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag = _key_blocks(q_first, q_last, st, en, s, sink, Nk, BLOCK_N)
-    c_int = (i_hi - i_lo) // BLOCK_N
-    return sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_int, c_edge + c_int + c_diag
-
-
-@triton.jit
-def _block_start(t, c_sink, c_edge, c_int, sink_lo, a, i_lo, i_hi, BLOCK_N: tl.constexpr):
-    """First key of the t-th block in the Gluon kernel's visit order (_key_blocks' counts):
-    sink | leading edge | interior | diagonal."""
-    return tl.where(t < c_sink, sink_lo + t * BLOCK_N,
-                    tl.where(t < c_edge, a + (t - c_sink) * BLOCK_N,
-                             tl.where(t < c_edge + c_int, i_lo + (t - c_edge) * BLOCK_N,
-                                      i_hi + (t - c_edge - c_int) * BLOCK_N)))
-
-
-@triton.jit
-def _sink_fits(c_sink, st, sink, a, sink_lo, HALF: tl.constexpr):
-    """Whether the kept keys of the only sink block all lie in its first HALF keys (the Gluon
-    kernel then multiplies that block at half width): they end at min(st + sink, a)."""
-    return (c_sink == 1) & (tl.minimum(st + sink, a) <= sink_lo + HALF)
-
-
-@triton.jit
-def _mask_kind(t, n, c_sink, c_edge, c_int, st, sink):
-    """Which token mask the t-th visited block (first key n; counts of _key_blocks) needs:
-    0 none (interior), 1 a sink block, 2 a window block past the sink keys, 3 any other."""
-    edge = (t < c_edge) | (t >= c_edge + c_int)
-    return tl.where(t < c_sink, 1, tl.where(edge, tl.where(n - st >= sink, 2, 3), 0))
-
-
-@triton.jit
-def _token_mask(qk, kind, k_pos, q_pos, en_rel, s, sink):
-    """qk [ROWS, BLOCK_N] with the pairs outside the kept set at -inf: rules.kept's
-    k <= q and (k < sink or k > q - s), for keys 0 <= k < en_rel. k_pos [BLOCK_N] and q_pos
-    [ROWS] count from the sequence start.
-
-    The mask is the costliest part of an edge block's softmax, so each kind of block (_mask_kind)
-    applies only the terms that can drop a pair of a real row there; padding rows are zeroed
-    at the store whatever they hold.
-      1: a sink block lies left of every row's window and before every real row: k < sink;
-      2: a window block holds no sink key, and a real row's k <= q < en_rel: 0 <= q - k < s,
-         one unsigned compare;
-      3: the full test.
-    """
-    if kind == 1:  # (k < en_rel holds there for real rows already: a guard, one op per column)
-        col = (k_pos >= 0) & (k_pos < sink) & (k_pos < en_rel)
-        qk = tl.where(tl.expand_dims(col, 0), qk, float("-inf"))
-    elif kind == 2:
-        d = tl.expand_dims(q_pos, 1) - tl.expand_dims(k_pos, 0)
-        qk = tl.where(d.to(tl.uint32) < s.to(tl.uint32), qk, float("-inf"))
-    elif kind == 3:
-        kp = tl.expand_dims(k_pos, 0)
-        qp = tl.expand_dims(q_pos, 1)
-        keep = (kp >= 0) & (kp < en_rel) & (kp <= qp) & ((kp < sink) | (kp > qp - s))
-        qk = tl.where(keep, qk, float("-inf"))
-    return qk
 
 
 @triton.jit
@@ -175,37 +111,6 @@ def _visit(acc, l_i, m_i, q, q_pos, k_base, v_base, skn, svn, n, kind, st, en, s
 
 
 @triton.jit
-def _key_blocks(q_first, q_last, st, en, s, sink, Nk, BLOCK_N: tl.constexpr):
-    """The key blocks that query rows [q_first, q_last] (absolute) visit, for one (sequence, head).
-
-    Returns (sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag): c_sink sink blocks from sink_lo,
-    leading-edge blocks from a up to i_lo (c_edge counts sink + edge), interior blocks
-    [i_lo, i_hi), then c_diag diagonal/padding blocks from i_hi. Only the interior needs no
-    token mask. Also the Gluon kernel's (kernels/prefill_hopper.py): one definition of the set.
-    """
-    # the real rows of this block and the key ranges they keep
-    row_lo = tl.maximum(q_first, st)
-    row_hi = tl.minimum(tl.minimum(q_last, Nk - 1), en - 1)
-    has_rows = row_lo <= row_hi
-    win_lo = tl.maximum(st, row_lo - s + 1)              # first key of the first row's window
-    a = (win_lo // BLOCK_N) * BLOCK_N                    # first window block
-    win_hi = tl.where(has_rows, tl.minimum(row_hi + 1, en), a)  # one past the last kept key
-    # interior: every real row keeps every key of the block
-    i_lo = tl.cdiv(tl.maximum(st, row_hi - s + 1), BLOCK_N) * BLOCK_N
-    i_hi = (tl.minimum(en, row_lo + 1) // BLOCK_N) * BLOCK_N
-    no_interior = i_lo >= i_hi
-    i_lo = tl.where(no_interior, a, i_lo)
-    i_hi = tl.where(no_interior, a, i_hi)
-    # sink blocks strictly left of the window's first block (the rest is masked in the window)
-    sink_lo = (st // BLOCK_N) * BLOCK_N
-    sink_hi = tl.where(has_rows & (sink > 0), tl.minimum(tl.minimum(st + sink, win_hi), a), sink_lo)
-    c_sink = tl.cdiv(sink_hi - sink_lo, BLOCK_N)
-    c_edge = c_sink + tl.cdiv(i_lo - a, BLOCK_N)
-    c_diag = tl.maximum(tl.cdiv(win_hi - i_hi, BLOCK_N), 0)
-    return sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_diag
-
-
-@triton.jit
 def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
                  qk_scale, sink, Nq, Nk, Hq, G, BH,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -223,7 +128,7 @@ def _prefill_fwd(Q, K, V, O, LSE, SPAN, START, END, ORDER, KD, VD,
     # positions fit in int32; 32-bit index math is cheaper in the masked blocks
     st = tl.load(START + b).to(tl.int32)
     en = tl.load(END + b).to(tl.int32)
-    s = tl.minimum(tl.load(SPAN + bh), Nk).to(tl.int32)
+    s = tl.load(SPAN + bh).to(tl.int32)  # the caller computed it once (rules.span: <= the length)
 
     off = Nk - Nq  # absolute index of query row 0
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -418,8 +323,6 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     if use_gluon:
         prefill_hopper.hopper_prefill(q, k, v, span, start, end, sink, scale, out, lse, return_lse,
                                       persistent=persistent)
-        CALLS["kernel"] += 1
-        CALLS["gluon"] += 1
         return (out, lse) if return_lse else out
     # widest heads first: their programs are the long ones (stable: GQA groups stay together)
     if sort_heads:
@@ -446,13 +349,17 @@ def sparse_attention_prefill(q, k, v, sink: int, span, start=None, end=None, sca
     if block_m is None and _interpreted():
         block_m, block_n = 32, 32
     if block_m is not None:
-        _prefill_fwd[grid](*args, D=D, BLOCK_M=block_m, BLOCK_N=block_n or block_m, WRITE_LSE=return_lse,
-                           USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
-                           **({} if maxnreg is None else {"maxnreg": maxnreg}))
+        _launch(_prefill_fwd, grid, args, dict(D=D, BLOCK_M=block_m, BLOCK_N=block_n or block_m, WRITE_LSE=return_lse,
+                                               USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
+                                               **({} if maxnreg is None else {"maxnreg": maxnreg})))
     else:
-        _TUNED[(Nq <= 16, bool(use_tma))][grid](*args, D=D, WRITE_LSE=return_lse, USE_TMA=use_tma)
-    CALLS["kernel"] += 1
+        _launch(_TUNED[(Nq <= 16, bool(use_tma))], grid, args, dict(D=D, WRITE_LSE=return_lse, USE_TMA=use_tma))
     return (out, lse) if return_lse else out
+
+
+def _launch(kernel, grid, args, meta) -> None:
+    """The one launch of this file's kernel (a seam: tests wrap it to count launches)."""
+    kernel[grid](*args, **meta)
 
 
 def prefill_backend(q, k, v, sink, span, start, end, scale, width=None):
@@ -460,7 +367,4 @@ def prefill_backend(q, k, v, sink, span, start, end, scale, width=None):
     return sparse_attention_prefill(q, k, v, sink, span, start, end, scale, width=width)
 
 
-__all__ = ["sparse_attention_prefill", "prefill_backend", "CALLS"]
-
-# the Gluon kernel imports _key_blocks from here; the launcher above dispatches to it
-from . import prefill_hopper  # noqa: E402
+__all__ = ["sparse_attention_prefill", "prefill_backend"]

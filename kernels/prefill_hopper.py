@@ -3,7 +3,7 @@ written with explicit TMA, mbarriers, warp specialization and asynchronous warpg
 that the softmax of one key block runs while the tensor cores multiply the previous block's P
 by V.
 
-Same contract, same visited blocks (kernels/prefill.py:_key_blocks, compiled into this kernel
+Same contract, same visited blocks (kernels/blocks.py:_key_blocks, compiled into this kernel
 too, through _item_blocks), same token masks; the oracle is kernels/reference.py. What differs
 is the schedule. One persistent program per SM loops over (query block of 128 rows, batch *
 head) work items, last query blocks first, each taking the next item no program has taken yet
@@ -50,12 +50,12 @@ try:  # Gluon is experimental and GPU-only; the package must import without it
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-from .prefill import LOG2E
-from .prefill import _block_start as _block_start_tl
-from .prefill import _item_blocks as _item_blocks_tl
-from .prefill import _mask_kind as _mask_kind_tl
-from .prefill import _sink_fits as _sink_fits_tl
-from .prefill import _token_mask as _token_mask_tl
+from .blocks import LOG2E
+from .blocks import _block_start as _block_start_tl
+from .blocks import _item_blocks as _item_blocks_tl
+from .blocks import _mask_kind as _mask_kind_tl
+from .blocks import _sink_fits as _sink_fits_tl
+from .blocks import _token_mask as _token_mask_tl
 
 if HAVE_GLUON:
     # the block ranges, visit order and token masks of kernels/prefill.py compiled as Gluon: one
@@ -115,7 +115,7 @@ if HAVE_GLUON:
         h = bh % Hq
         st = gl.load(START + b).to(gl.int32)
         en = gl.load(END + b).to(gl.int32)
-        span = gl.minimum(gl.load(SPAN + bh), Nk).to(gl.int32)
+        span = gl.load(SPAN + bh).to(gl.int32)
         off = Nk - Nq
         q_row = mb * BLOCK_M
         sink_lo, a, i_lo, i_hi, c_sink, c_edge, c_int, T = _item_blocks(

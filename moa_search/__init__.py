@@ -2,6 +2,7 @@
 
     plan = moa_search.load_plan("plan.json")
     model = moa_search.apply_plan(model, plan)   # model(...) and model.generate(...) now sparse
+    out = moa_search.generate(model, **enc, max_new_tokens=256)   # compressed cache, captured decode
 
 The pipeline steps, from Python (each is what its `moa` subcommand runs; README "From Python"):
 
@@ -17,11 +18,16 @@ datasets, optuna and the solvers).
 from .version import __version__
 
 from .plan import ModelShape, Plan, PlanError, load_plan, save_plan, uniform_plan, plan_from_moa  # noqa: E402
-from .apply import apply_plan, cache_kwarg, generate, make_cache, remove_plan  # noqa: E402
 
 # name -> (module, attribute): imported on first use
 _LAZY = {
-    "MoaCache": ("moa_search.cache", "MoaCache"),                        # pulls in transformers
+    # the runtime pulls in transformers (seconds), which plan tools do not need
+    "apply_plan": ("moa_search.apply", "apply_plan"),
+    "remove_plan": ("moa_search.apply", "remove_plan"),
+    "make_cache": ("moa_search.apply", "make_cache"),
+    "cache_kwarg": ("moa_search.hf_adapter", "cache_kwarg"),
+    "MoaCache": ("moa_search.hf_adapter", "MoaCache"),
+    "generate": ("moa_search.generation", "generate"),
     "build_calibration": ("moa_search.calibrate", "calibrate"),
     "load_calibration": ("moa_search.calibrate", "load_calibration"),
     "save_calibration": ("moa_search.calibrate", "save_calibration"),
@@ -31,7 +37,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "ModelShape", "Plan", "PlanError", "load_plan", "save_plan", "uniform_plan",
-           "plan_from_moa", "apply_plan", "remove_plan", "make_cache", "generate", "cache_kwarg", *_LAZY]
+           "plan_from_moa", *_LAZY]
 
 
 def __getattr__(name):

@@ -1,28 +1,20 @@
 """Load a plan into a Hugging Face model: `apply_plan(model, plan)`.
 
-No model class is patched: each attention module gets a `moa_rule` attribute and the
-model's attention implementation is switched to the registered "moa" function.
+No model class is patched: the plan becomes one Runtime (moa_search.runtime), attached once
+to the model by the transformers adapter (moa_search.hf_adapter), whose registered "moa"
+attention function hands every layer call to it.
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
 
-from .attention import BACKENDS
-from .attention import ATTN_NAME, LayerRule, register
+from .attention import BACKENDS, LayerRule
+# attention_modules and cache_kwarg are re-exported: callers find them here
+from .hf_adapter import MoaCache, attach, attention_modules, cache_kwarg, layer_devices  # noqa: F401
 from .plan import ModelShape, Plan, check_plan_fits, load_plan
-
-
-def attention_modules(model) -> list:
-    """The model's self-attention modules ordered by layer_idx (one per decoder layer)."""
-    found = {}
-    for mod in model.modules():
-        idx = getattr(mod, "layer_idx", None)
-        if idx is not None and hasattr(mod, "num_key_value_groups") and type(mod).__name__.endswith("Attention"):
-            found.setdefault(int(idx), mod)
-    return [found[i] for i in sorted(found)]
+from .runtime import Runtime
 
 
 def apply_plan(model, plan: Plan | str, backend: str = "auto"):
@@ -41,35 +33,23 @@ def apply_plan(model, plan: Plan | str, backend: str = "auto"):
                       f"{shape.fingerprint}: same attention shape, other config (fine-tune or variant?)", stacklevel=2)
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-    mods = attention_modules(model)
-    if len(mods) != shape.num_layers:
-        raise RuntimeError(f"found {len(mods)} attention modules with layer_idx, expected {shape.num_layers}")
-    register()
+    devices = layer_devices(model)
+    if len(devices) != shape.num_layers:
+        raise RuntimeError(f"found {len(devices)} attention modules with layer_idx, expected {shape.num_layers}")
     alpha, beta = plan.query_rules()
-    for layer, mod in enumerate(mods):
-        # on the layer's own device, so that attention does not copy the rules there at every step;
-        # a layer accelerate offloaded (weights on "meta" until it runs) keeps them on the CPU and
-        # they follow the queries at each call
-        dev = next(mod.parameters()).device
-        if dev.type == "meta":
-            dev = torch.device("cpu")
-        mod.moa_rule = LayerRule(sink=plan.sink, alpha=torch.as_tensor(alpha[layer], device=dev),
-                                 beta=torch.as_tensor(beta[layer], device=dev), min_span=plan.min_span, backend=backend)
-    if getattr(model, "moa_plan", None) is None:
-        model._moa_previous_attn = model.config._attn_implementation
+    # each layer's rules on its own device, so that attention never copies them at a step
+    rules = [LayerRule(sink=plan.sink, alpha=torch.as_tensor(alpha[i], device=dev),
+                       beta=torch.as_tensor(beta[i], device=dev), min_span=plan.min_span, backend=backend)
+             for i, dev in enumerate(devices)]
+    attach(model, Runtime(rules, plan))
     model.moa_plan = plan
-    model.set_attn_implementation(ATTN_NAME)
     return model
 
 
 def remove_plan(model):
     """Undo apply_plan: back to the attention implementation the model had before."""
-    for mod in attention_modules(model):
-        if hasattr(mod, "moa_rule"):
-            del mod.moa_rule
-    prev = getattr(model, "_moa_previous_attn", None) or "sdpa"
+    attach(model, None)
     model.moa_plan = None
-    model.set_attn_implementation(prev)
     return model
 
 
@@ -78,35 +58,15 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def cache_kwarg(model) -> str:
-    """The keyword that passes a cache to this transformers version's forward and generate:
-    "cache" (transformers >= 5.2x, which deprecates the old name) or "past_key_values"."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def generate(model, max_new_tokens: int | None = None, max_length: int | None = None, **kwargs):
-    """model.generate(**kwargs) with the plan's compressed KV cache (see make_cache):
-
-        out = moa_search.generate(model, **enc, max_new_tokens=256)
-    """
-    cache = make_cache(model, max_new_tokens=max_new_tokens, max_length=max_length)
-    kwargs.update({k: v for k, v in (("max_new_tokens", max_new_tokens), ("max_length", max_length)) if v is not None})
-    return model.generate(**kwargs, **{cache_kwarg(model): cache})
-
-
-def make_cache(model, max_new_tokens: int | None = None, max_length: int | None = None):
+def make_cache(model, max_new_tokens: int | None = None, max_length: int | None = None) -> MoaCache:
     """The compressed per-head KV cache of the plan applied to `model`, for generate():
 
         cache = make_cache(model, max_new_tokens=256)
         model.generate(**enc, max_new_tokens=256, **{cache_kwarg(model): cache})
 
-    (moa_search.generate does both.)
+    (moa_search.generate does both, and decodes through a CUDA graph where it can.)
     Without it, generate() uses transformers' dense DynamicCache: outputs are the same (the
     attention function applies the plan's rules on it) but the memory is not saved.
-    transformers has no public hook to make generate() build a custom cache by itself, so
-    the cache is passed explicitly. Sized at the first forward for prompt + max_new_tokens
-    (or max_length in total); see moa_search.cache.
+    Sized at the first forward for prompt + max_new_tokens (or max_length in total).
     """
-    from .cache import MoaCache
-
     return MoaCache(model, max_new_tokens=max_new_tokens, max_length=max_length)

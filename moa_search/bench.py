@@ -2,6 +2,7 @@
 
     moa bench prefill ...   block-sparse prefill kernel vs dense SDPA and FlexAttention
     moa bench decode ...    compressed-cache decode vs transformers' dense SDPA path
+    moa bench e2e ...       whole-model generate: time to first token and decode, every path
 
 Each mode lives in its own module (bench_prefill, bench_decode) with add_arguments/run;
 `moa bench MODE --help` shows its options.
@@ -29,7 +30,7 @@ MODEL_SHAPES = {
                  num_key_value_heads=2, vocab_size=256),
 }
 
-MODES = {"prefill": "moa_search.bench_prefill", "decode": "moa_search.bench_decode"}
+MODES = {"prefill": "moa_search.bench_prefill", "decode": "moa_search.bench_decode", "e2e": "moa_search.bench_e2e"}
 
 
 def add_arguments(p) -> None:

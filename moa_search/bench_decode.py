@@ -99,7 +99,7 @@ def dense_cache(model, batch, length, dtype, device):
 
 
 def moa_cache(model, batch, length, final, dtype, device):
-    from .cache import MoaCache
+    from .hf_adapter import MoaCache
 
     cache = MoaCache(model, max_length=final)
     cache.fill_for_benchmark(batch, length, dtype, device)
@@ -203,32 +203,30 @@ def kernel_alone(model, args, dtype, device):
     B, P = args.kernel_batch, args.prompt_len
     final = P + args.new_tokens
     cache = moa_cache(model, B, P, final, dtype, device)
-    layer = cache.layers[0]
-    rule = layer.rule
+    kv = cache.kv
+    rule = kv.rules[0]
     hq = rule.alpha.numel()
-    d = layer.keys.shape[-1]
+    d = kv.keys[0].shape[-1]
     q = torch.randn(B, hq, d, dtype=dtype, device=device)
     n = torch.full((B,), P, device=device)
     span = rule.spans(n)
     scale = d ** -0.5
 
-    def run():
-        return packed_decode_attention(q, layer.keys, layer.values, layer.off32, layer.cap32, layer.s0, rule.sink,
-                                       span, n, scale, max_slots=layer.max_slots)
+    def run(**launch):
+        return packed_decode_attention(q, kv.keys[0], kv.values[0], kv.off32[0], kv.cap32[0], kv.s0, rule.sink,
+                                       span, n, scale, max_slots=kv.max_slots[0], **launch)
 
     ms = triton.testing.do_bench(run, warmup=10, rep=100)
     variants = {}
     for bn, nw, ns in ((64, 4, 2), (64, 4, 3), (128, 8, 3), (32, 4, 4)):
         def run_v(bn=bn, nw=nw, ns=ns):
-            return packed_decode_attention(q, layer.keys, layer.values, layer.off32, layer.cap32, layer.s0, rule.sink,
-                                           span, n, scale, max_slots=layer.max_slots, block_n=bn, num_warps=nw,
-                                           num_stages=ns)
+            return run(block_n=bn, num_warps=nw, num_stages=ns)
         variants[f"block_n={bn},warps={nw},stages={ns}"] = triton.testing.do_bench(run_v, warmup=10, rep=50)
     # bytes the kernel must read at this length: each head's kept tokens (sink + window) of K and V
-    _, valid = layer.kept_positions()
-    kept_bytes = int(valid.sum()) * d * 2 * layer.keys.element_size()
+    _, valid = kv.kept_positions(0)
+    kept_bytes = int(valid.sum()) * d * 2 * kv.keys[0].element_size()
     bw = hbm_bandwidth(device)
-    hkv = layer.num_kv_heads
+    hkv = kv.num_kv_heads
     k = torch.randn(B, hkv, P, d, dtype=dtype, device=device)
     v = torch.randn_like(k)
     qd = q[:, :, None]
@@ -246,7 +244,7 @@ def kernel_alone(model, args, dtype, device):
 
 
 def run(args) -> int:
-    from . import apply_plan, remove_plan
+    from .apply import apply_plan, remove_plan
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -1,8 +1,8 @@
 """Dense attention that measures influence in its backward pass, plugged into the "moa" attention seam.
 
-`moa_search.attention.moa_attention_forward` calls `module.moa_capture(fn, q, k, v, sink,
-span, start, end, scale)` when that attribute is set. During profiling every attention
-module gets a dense (full causal) rule and a `LayerCapture`; its `DenseInfluenceAttention`
+The model's Runtime (moa_search.runtime) calls `capture(fn, q, k, v, sink, span, start, end,
+scale)` in place of the attention backend while `moa_search.hf_adapter.profiling` is active.
+During profiling every layer gets a dense (full causal) rule and a `LayerCapture`; its `DenseInfluenceAttention`
 (a torch.autograd.Function) runs dense causal attention forward, saves Q, K, V, O and the
 row log-sum-exp, and in backward, given dO, computes the block-summed influence of the
 layer (reference or fused Triton kernel) before returning dQ, dK, dV. No model class is
@@ -137,7 +137,7 @@ class SampleInfluence:
 
 
 class LayerCapture:
-    """The `module.moa_capture` of one layer during profiling."""
+    """One layer's capture during profiling (the Runtime calls it in place of the attention backend)."""
 
     def __init__(self, layer: int, state: SampleInfluence):
         self.layer, self.state = layer, state
@@ -171,31 +171,15 @@ class LayerCapture:
 @contextmanager
 def dense_profiling(model, state: SampleInfluence):
     """Route every attention layer through DenseInfluenceAttention; restore the model afterwards."""
-    from moa_search.apply import attention_modules
-    from moa_search.attention import ATTN_NAME, LayerRule, register
+    from moa_search.attention import LayerRule
+    from moa_search.hf_adapter import attention_modules, profiling
 
     mods = attention_modules(model)
     if not mods:
         raise RuntimeError(f"{type(model).__name__}: found no attention modules with a layer_idx to profile")
-    register()
-    previous_impl = model.config._attn_implementation
-    saved = [(getattr(m, "moa_rule", None), getattr(m, "moa_capture", None)) for m in mods]
     heads = model.config.num_attention_heads
     # A dense rule: sink 0, span = clamp(0 + 1 * N, 1, N) = N, i.e. full causal attention.
     dense = LayerRule(sink=0, alpha=torch.zeros(heads, dtype=torch.float64),
                       beta=torch.ones(heads, dtype=torch.float64), min_span=1, backend="reference")
-    try:
-        for layer, m in enumerate(mods):
-            m.moa_rule = dense
-            m.moa_capture = LayerCapture(layer, state)
-        model.set_attn_implementation(ATTN_NAME)
+    with profiling(model, [dense] * len(mods), [LayerCapture(layer, state) for layer in range(len(mods))]):
         yield model
-    finally:
-        for m, (rule, cap) in zip(mods, saved):
-            for name, val in (("moa_rule", rule), ("moa_capture", cap)):
-                if val is None:
-                    if hasattr(m, name):
-                        delattr(m, name)
-                else:
-                    setattr(m, name, val)
-        model.set_attn_implementation(previous_impl)

@@ -1,5 +1,6 @@
 """apply_plan on tiny Llama / Qwen2 / Mistral models: dense equality, sparse vs brute force, generate."""
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_generate_full_span_equals_dense_and_remove_plan_restores():
     assert moa.tolist() == dense.tolist()
     moa_search.remove_plan(model)
     assert model.config._attn_implementation == "sdpa"
-    assert not any(hasattr(m, "moa_rule") for m in model.modules())
+    assert not any(hasattr(m, "moa_runtime") for m in model.modules())
 
 
 def test_sampling_generate_runs_with_plan():
@@ -130,7 +131,7 @@ def test_mismatched_plan_is_refused():
 def test_attention_without_rule_errors_clearly():
     model = tiny_model("llama")
     moa_search.apply_plan(model, random_plan(model))
-    del moa_search.apply.attention_modules(model)[1].moa_rule
+    del moa_search.apply.attention_modules(model)[1].moa_runtime
     with pytest.raises(RuntimeError, match="layer 1.*has no plan attached"):
         model(input_ids=torch.ones(1, 4, dtype=torch.long))
 
@@ -149,12 +150,32 @@ def test_unknown_backend_is_refused():
         moa_search.apply_plan(model, random_plan(model), backend="fast")
 
 
-def test_dense_layers_without_padding_go_to_sdpa():
+def count_paths(monkeypatch):
+    """Count the attention paths taken ("sdpa" for dense layers, else the backend's name) by
+    wrapping attention.dense_causal and every registered backend."""
+    from moa_search import attention
+
+    seen = Counter()
+
+    def wrap(name, fn):
+        def counted(*a, **kw):
+            seen[name] += 1
+            return fn(*a, **kw)
+        return counted
+
+    monkeypatch.setattr(attention, "dense_causal", wrap("sdpa", attention.dense_causal))
+    for name, fn in list(attention.BACKENDS.items()):
+        monkeypatch.setitem(attention.BACKENDS, name, wrap(name, fn))
+    return seen
+
+
+def test_dense_layers_without_padding_go_to_sdpa(monkeypatch):
     """A layer whose every span reaches N, unpadded, runs SDPA (decided on the host); any
     narrow head, padding or a pinned backend keeps it on the sparse path."""
-    from moa_search.attention import DISPATCH, LayerRule
+    from moa_search.attention import LayerRule
     from moa_search.plan import Plan
 
+    DISPATCH = count_paths(monkeypatch)
     model = tiny_model("llama", layers=3, attn="eager")
     shape = ModelShape.from_config(model.config)
     ids, _ = batch(pads=(0, 0))
@@ -192,9 +213,9 @@ def test_dense_layers_without_padding_go_to_sdpa():
         model(input_ids=batch(pads=(0, 0))[0])
     assert DISPATCH["sdpa"] == before["sdpa"] and DISPATCH["reference"] - before["reference"] == 3
 
-    # dense_at follows rules.span exactly: a fixed window of 100 covers N <= 100 only
+    # the dense test follows rules.span exactly: a fixed window of 100 covers N <= 100 only
     rule = LayerRule(sink=4, alpha=torch.tensor([100.0, 0.0]), beta=torch.tensor([0.0, 1.0]))
-    assert rule.dense_at(100) and not rule.dense_at(101)
+    assert (rule.host_spans(100) >= 100).all() and not (rule.host_spans(101) >= 101).all()
 
 
 def test_backends_registered_with_hints_get_the_layer_width():
@@ -219,7 +240,7 @@ def test_backends_registered_with_hints_get_the_layer_width():
         want = [min(max(int(a + b * 40), 1), 40) for a, b in zip(alpha.tolist(), beta.tolist())]
         assert seen["span"][0].tolist() == want
         assert seen["width"] == pytest.approx(sum(want) / 4 / 40)
-        assert rule.width_at(40) == pytest.approx(float(R.span(alpha, beta, 40).float().mean()) / 40)
+        assert rule.host_spans(40).tolist() == R.span(alpha, beta, 40).tolist()
     finally:
         attention.BACKENDS.pop("fake-hints")
         attention._TAKES_HINTS.discard("fake-hints")
@@ -233,16 +254,17 @@ def test_backends_registered_with_hints_get_the_layer_width():
 
 
 def test_padding_bounds_once_per_forward():
-    """Every layer of a forward gets the same mask tensor: the bounds are computed for the first
-    and reused (same tensors) by the others; another key count or a new mask recomputes."""
-    from moa_search.attention import padding_bounds
+    """Every layer of a forward gets the same mask tensor: the runtime computes the bounds for the
+    first and reuses them (same tensors) for the others; another key count or a new mask recomputes."""
+    from moa_search.runtime import Runtime
 
+    rt = Runtime([])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    start, end = padding_bounds(mask, 2, 6, torch.device("cpu"))
+    start, end = rt.bounds(mask, 2, 6, torch.device("cpu"))
     assert start.tolist() == [2, 0] and end.tolist() == [6, 4]
-    again = padding_bounds(mask, 2, 6, torch.device("cpu"))
+    again = rt.bounds(mask, 2, 6, torch.device("cpu"))
     assert again[0] is start and again[1] is end
-    s4, e4 = padding_bounds(mask, 2, 4, torch.device("cpu"))      # the last 4 keys of the same mask
+    s4, e4 = rt.bounds(mask, 2, 4, torch.device("cpu"))      # the last 4 keys of the same mask
     assert s4.tolist() == [0, 0] and e4.tolist() == [4, 2]
-    fresh = padding_bounds(mask.clone(), 2, 6, torch.device("cpu"))
+    fresh = rt.bounds(mask.clone(), 2, 6, torch.device("cpu"))
     assert fresh[0] is not start and fresh[0].tolist() == [2, 0]

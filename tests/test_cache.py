@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from moa_search import ModelShape, Plan, apply_plan, cache_kwarg, make_cache, remove_plan, uniform_plan
-from moa_search.cache import MoaCache, MoaCacheError
+from moa_search import ModelShape, MoaCache, Plan, apply_plan, cache_kwarg, make_cache, remove_plan, uniform_plan
+from moa_search.cache import MoaCacheError
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -70,8 +70,8 @@ def test_capacity_and_bytes_follow_the_plan():
     final = PROMPT + NEW
     assert cache.final_length == final
     kv_spans = plan.kv_spans(final)                        # [L, Hkv]: group max of the query heads' spans
-    for layer, l in enumerate(cache.layers):
-        assert l.cap.tolist() == np.minimum(kv_spans[layer], final - SINK).tolist()
+    for layer in range(len(cache.layers)):
+        assert cache.kv.cap[layer].tolist() == np.minimum(kv_spans[layer], final - SINK).tolist()
     dense = 2 * 2 * model.config.num_hidden_layers * 2 * final * 16 * 4     # K+V, batch, layers, Hkv, N, D, fp32
     assert cache.dense_nbytes() == dense
     assert cache.nbytes() == pytest.approx(plan.densities(final)["kv_cache_density"] * dense, rel=1e-12)
@@ -98,22 +98,23 @@ def test_contents_equal_the_kept_set_after_prefill_and_decode_across_a_wrap():
             a = model(input_ids=tok, attention_mask=m, position_ids=pos, **{ck: cache}, use_cache=True).logits
             b = model(input_ids=tok, attention_mask=m, position_ids=pos, **{ck: dense}, use_cache=True).logits
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-            for li, layer in enumerate(cache.layers):
-                kpos, valid = layer.kept_positions()
-                head = torch.repeat_interleave(torch.arange(2), layer.s0 + layer.cap)
+            kv = cache.kv
+            for li in range(len(cache.layers)):
+                kpos, valid = cache.kept_positions(li)
+                head = torch.repeat_interleave(torch.arange(2), kv.s0 + kv.cap[li])
                 dk = dense.layers[li].keys                      # [B, Hkv, N, D] padded, all tokens
                 dv = dense.layers[li].values
                 for bi in range(2):
                     n = int(real[bi]) + step
-                    assert int(layer.n[bi]) == n
+                    assert int(kv.n[bi]) == n
                     for h in range(2):
                         sel = (head == h) & valid[bi]
                         got = kpos[bi, sel]
-                        assert sorted(got.tolist()) == expected_positions(n, layer.s0, int(layer.cap[h]))
+                        assert sorted(got.tolist()) == expected_positions(n, kv.s0, int(kv.cap[li][h]))
                         src = start[bi] + got                   # padded index of each cached position
-                        torch.testing.assert_close(layer.keys[bi, sel], dk[bi, h, src], atol=1e-5, rtol=1e-5)
-                        torch.testing.assert_close(layer.values[bi, sel], dv[bi, h, src], atol=1e-5, rtol=1e-5)
-            wrapped = any(int(l.n.max()) - l.s0 > int(l.cap.min()) for l in cache.layers)
+                        torch.testing.assert_close(kv.keys[li][bi, sel], dk[bi, h, src], atol=1e-5, rtol=1e-5)
+                        torch.testing.assert_close(kv.values[li][bi, sel], dv[bi, h, src], atol=1e-5, rtol=1e-5)
+            wrapped = any(int(kv.n.max()) - kv.s0 > int(c.min()) for c in kv.cap)
             tok = a[:, -1:].argmax(-1)
             m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
     assert wrapped
@@ -219,14 +220,12 @@ def test_generate_on_gpu_bf16_triton_decode_matches_reference():
     with torch.no_grad():
         for step in range(NEW):
             pos = (m.cumsum(-1) - 1).clamp_min(0)[:, -tok.shape[1]:]
-            for mod in model.modules():   # decode steps through the Triton kernel; the prefill is not this test's
-                if hasattr(mod, "moa_rule"):
-                    mod.moa_rule.backend = "auto" if step else "reference"
+            for rule in model.moa_runtime.rules:  # decode steps through the Triton kernel; the prefill is not this test's
+                rule.backend = "auto" if step else "reference"
             ck = cache_kwarg(model)
             a = model(input_ids=tok, attention_mask=m, position_ids=pos, **{ck: cache}, use_cache=True).logits
-            for mod in model.modules():
-                if hasattr(mod, "moa_rule"):
-                    mod.moa_rule.backend = "reference"
+            for rule in model.moa_runtime.rules:
+                rule.backend = "reference"
             b = model(input_ids=tok, attention_mask=m, position_ids=pos, **{ck: ref_cache}, use_cache=True).logits
             torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
             tok = b[:, -1:].argmax(-1)

@@ -23,6 +23,30 @@ def _prefill():
     return prefill
 
 
+@pytest.fixture
+def CALLS(monkeypatch):
+    """Launches counted by wrapping the launch seams: "gluon" the Hopper kernel, "kernel" any
+    prefill kernel (Gluon or Triton)."""
+    from collections import Counter
+
+    prefill = _prefill()
+    seen = Counter()
+    hopper, launch = prefill.prefill_hopper.hopper_prefill, prefill._launch
+
+    def counted_hopper(*a, **kw):
+        seen["gluon"] += 1
+        seen["kernel"] += 1
+        return hopper(*a, **kw)
+
+    def counted_launch(*a, **kw):
+        seen["kernel"] += 1
+        return launch(*a, **kw)
+
+    monkeypatch.setattr(prefill.prefill_hopper, "hopper_prefill", counted_hopper)
+    monkeypatch.setattr(prefill, "_launch", counted_launch)
+    return seen
+
+
 def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, device="cpu", seed=None):
     g = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % (2**31))
     q = torch.randn(B, Hq, Nq, D, generator=g).to(device, dtype)
@@ -206,22 +230,22 @@ def _hopper_or_skip():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("persistent", [True, False])  # one program per SM / per work item
-def test_gpu_hopper_kernel_padding_gqa_tails(dtype, d, persistent):
+def test_gpu_hopper_kernel_padding_gqa_tails(dtype, d, persistent, CALLS):
     prefill = _prefill()
     _hopper_or_skip()
     n = 3000  # no multiple of any block: tails in queries and keys
     q, k, v = _inputs(2, 16, 4, n, n, d, dtype, device="cuda")
     span = torch.stack([_llama3_like_spans(2000, 16)[0], _llama3_like_spans(2900, 16, seed=1)[0]]).cuda()
     span[0, :3] = torch.tensor([1, 5, n])  # one-token window, tiny window, full span
-    before = prefill.CALLS["gluon"]
+    before = CALLS["gluon"]
     o, _ = _run_and_compare(q, k, v, 64, span, torch.tensor([1000, 0]).cuda(), torch.tensor([n, 2900]).cuda(),
                             persistent=persistent)
-    assert prefill.CALLS["gluon"] == before + 1, "the sm_90 prefill did not take the Gluon kernel"
+    assert CALLS["gluon"] == before + 1, "the sm_90 prefill did not take the Gluon kernel"
     assert (o[0, :, :1000] == 0).all() and (o[1, :, 2900:] == 0).all()
 
 
 @pytest.mark.gpu
-def test_gpu_hopper_kernel_hands_out_every_item_once_per_launch():
+def test_gpu_hopper_kernel_hands_out_every_item_once_per_launch(CALLS):
     """The persistent programs take items from a counter that each launch must start at zero:
     many more items than SMs, launched back to back, each time on poisoned outputs."""
     prefill = _prefill()
@@ -230,40 +254,40 @@ def test_gpu_hopper_kernel_hands_out_every_item_once_per_launch():
     q, k, v = _inputs(1, 48, 8, n, n, 128, torch.bfloat16, device="cuda")
     span = _llama3_like_spans(n, 48, group=6).cuda()
     assert -(-n // (2 * PH.ROWS)) * 48 > 10 * torch.cuda.get_device_properties(0).multi_processor_count
-    before = prefill.CALLS["gluon"]
+    before = CALLS["gluon"]
     for _ in range(3):
         _run_and_compare(q, k, v, 64, span)
-    assert prefill.CALLS["gluon"] == before + 3
+    assert CALLS["gluon"] == before + 3
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("nq", [17, 700])
 @pytest.mark.parametrize("sink", [0, 64, 200])
-def test_gpu_hopper_kernel_queries_last_of_keys_and_sinks(nq, sink):
+def test_gpu_hopper_kernel_queries_last_of_keys_and_sinks(nq, sink, CALLS):
     prefill = _prefill()
     _hopper_or_skip()
     q, k, v = _inputs(1, 8, 2, nq, 2500, 128, torch.bfloat16, device="cuda")
     span = torch.tensor([[1, 3, 64, 100, 129, 700, 2000, 2500]]).cuda()
-    before = prefill.CALLS["gluon"]
+    before = CALLS["gluon"]
     _run_and_compare(q, k, v, sink, span, scale=0.3)
-    assert prefill.CALLS["gluon"] == before + 1
+    assert CALLS["gluon"] == before + 1
 
 
 @pytest.mark.gpu
-def test_gpu_hopper_kernel_realistic_and_pinned_shapes_fall_back():
+def test_gpu_hopper_kernel_realistic_and_pinned_shapes_fall_back(CALLS):
     prefill = _prefill()
     _hopper_or_skip()
     n = 8192
     q, k, v = _inputs(1, 32, 8, n, n, 128, torch.bfloat16, device="cuda")
     span = _llama3_like_spans(n).cuda()
-    before, kernel = prefill.CALLS["gluon"], prefill.CALLS["kernel"]
+    before, kernel = CALLS["gluon"], CALLS["kernel"]
     _run_and_compare(q, k, v, 64, span)
-    assert prefill.CALLS["gluon"] == before + 1
+    assert CALLS["gluon"] == before + 1
     # a pinned block shape, decode-shaped queries and fp32 stay on the Triton kernel
     _run_and_compare(q, k, v, 64, span, block_m=128, block_n=64, num_warps=8, num_stages=3)
     _run_and_compare(q[:, :, -16:], k, v, 64, span)
     _run_and_compare(*(t[..., :1024, :].float() for t in (q, k, v)), 64, span.clamp(max=1024), tol=5e-3)  # tf32 dots
-    assert prefill.CALLS["gluon"] == before + 1 and prefill.CALLS["kernel"] == kernel + 4
+    assert CALLS["gluon"] == before + 1 and CALLS["kernel"] == kernel + 4
 
 
 @pytest.mark.gpu
@@ -291,12 +315,12 @@ def test_gpu_kernel_on_a_dense_layer():
 
 
 @pytest.mark.gpu
-def test_gpu_model_with_plan_prefills_through_the_kernel():
+def test_gpu_model_with_plan_prefills_through_the_kernel(CALLS, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from moa_search import apply_plan
-    from moa_search.attention import DISPATCH, pick_backend
-    from moa_search.apply import attention_modules
+    from moa_search import attention
+    from moa_search.attention import pick_backend
     from moa_search.plan import ModelShape, Plan
 
     prefill = _prefill()
@@ -308,18 +332,25 @@ def test_gpu_model_with_plan_prefills_through_the_kernel():
     plan = Plan(model=ModelShape.from_config(cfg), alpha=[[64.0, 0.0], [300.0, 16.0], [0.0, 0.0]],
                 beta=[[0.0, 0.5], [0.0, 0.25], [1.0, 1.0]], sink=16, granularity="kv_head")
     apply_plan(model, plan)
-    mods = attention_modules(model)
     q = torch.zeros(1, 4, 1, 64, device="cuda")
-    assert all(pick_backend(m.moa_rule, q) == "triton" for m in mods)
+    assert all(pick_backend(rule, q) == "triton" for rule in model.moa_runtime.rules)
+    dense = attention.dense_causal
+    DISPATCH = CALLS
+
+    def counted_sdpa(*a):
+        DISPATCH["sdpa"] += 1
+        return dense(*a)
+
+    monkeypatch.setattr(attention, "dense_causal", counted_sdpa)
     ids = torch.randint(0, 256, (1, 1500), device="cuda")
-    before, before_sdpa, before_gluon = prefill.CALLS["kernel"], DISPATCH["sdpa"], prefill.CALLS["gluon"]
+    before, before_sdpa, before_gluon = CALLS["kernel"], DISPATCH["sdpa"], CALLS["gluon"]
     with torch.no_grad():
         fast = model(ids, use_cache=False).logits.float()
-    assert prefill.CALLS["kernel"] == before + 2 and DISPATCH["sdpa"] == before_sdpa + 1
+    assert CALLS["kernel"] == before + 2 and DISPATCH["sdpa"] == before_sdpa + 1
     hopper = torch.cuda.get_device_capability()[0] == 9 and prefill.prefill_hopper.HAVE_GLUON
-    assert prefill.CALLS["gluon"] == before_gluon + (2 if hopper else 0)
+    assert CALLS["gluon"] == before_gluon + (2 if hopper else 0)
     apply_plan(model, plan, backend="reference")
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits.float()
-    assert prefill.CALLS["kernel"] == before + 2 and DISPATCH["sdpa"] == before_sdpa + 1  # reference really ran
+    assert CALLS["kernel"] == before + 2 and DISPATCH["sdpa"] == before_sdpa + 1  # reference really ran
     assert (fast - ref).norm() / ref.norm() < 2e-2

@@ -1,0 +1,228 @@
+"""moa_search.generate: the static decode step (the CUDA graph's body, run eagerly on the CPU),
+chunked prefill into the compressed cache, and the errors of a cache that is too small.
+
+References: transformers' generate with its dense DynamicCache and the plan's masked attention
+(the same rule, every token kept), and a one-shot prefill for the chunked one. Tiny random
+Llama with GQA (4 query heads, 2 KV heads), batch 2 with left padding, windows small enough
+that the rings wrap.
+"""
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import moa_search
+from moa_search import ModelShape, Plan, apply_plan, make_cache
+from moa_search.cache import MoaCacheError
+from moa_search.generation import prefill
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+PROMPT, NEW, PAD = 17, 10, 5
+
+
+def tiny_model(seed=0, kv_heads=2):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, max_position_embeddings=256, pad_token_id=0, eos_token_id=None,
+                      bos_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def plan_for(model, granularity="kv_head"):
+    shape = ModelShape.from_config(model.config)
+    if granularity == "kv_head":
+        alpha, beta = [[3.0, 0.0], [5.0, 2.0]], [[0.0, 0.25], [0.1, 0.0]]
+    else:
+        alpha, beta = [[3.0, 1.0, 0.0, 2.0], [5.0, 1.0, 2.0, 2.0]], [[0.0, 0.0, 0.25, 0.1], [0.1, 0.2, 0.0, 0.0]]
+    return Plan(model=shape, alpha=alpha, beta=beta, sink=2, granularity=granularity)
+
+
+def batch(seed=1, pad=PAD, n=PROMPT, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 96, (2, n), generator=g)
+    mask = torch.ones(2, n, dtype=torch.long)
+    ids[1, :pad] = 0
+    mask[1, :pad] = 0
+    return ids.to(device), mask.to(device)
+
+
+def reference(model, ids, mask, new=NEW, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+def test_static_step_equals_eager_generate_and_reference(granularity):
+    model = tiny_model()
+    apply_plan(model, plan_for(model, granularity))
+    ids, mask = batch()
+    want = reference(model, ids, mask)                                        # dense cache + masked rule
+    eager = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="hf")
+    static = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="static")
+    assert torch.equal(eager, want) and torch.equal(static, want)
+    # MHA too (one query head per KV head)
+    mha = tiny_model(seed=2, kv_heads=4)
+    apply_plan(mha, plan_for(mha, "query_head"))
+    assert torch.equal(moa_search.generate(mha, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="static"),
+                       reference(mha, ids, mask))
+
+
+def test_static_step_touches_only_buffers_allocated_before_it():
+    """What a CUDA graph needs (checked here without one): every step reads and writes the same
+    cache buffers and counters, allocated at the prefill, and the host counters are not consulted."""
+    from moa_search.generation import GreedyDecoder
+
+    model = tiny_model()
+    apply_plan(model, plan_for(model))
+    ids, mask = batch()
+    cache = make_cache(model, max_new_tokens=NEW)
+    first = prefill(model, cache, ids, mask).argmax(-1)
+    kv = cache.kv
+    before = [t.data_ptr() for t in (*kv.keys, *kv.values, kv.n, kv.n_prev, kv.rows, kv.spans)]
+    dec = GreedyDecoder(model, cache, first, mask.sum(-1), NEW, [], 0)
+    for _ in range(NEW - 1):
+        dec.step()
+    assert [t.data_ptr() for t in (*kv.keys, *kv.values, kv.n, kv.n_prev, kv.rows, kv.spans)] == before
+    assert kv.n.tolist() == (mask.sum(-1) + NEW - 1).tolist()
+    want = reference(model, ids, mask)
+    assert torch.equal(dec.out, want[:, PROMPT:])
+
+
+def test_static_step_stops_like_transformers_at_eos():
+    model = tiny_model()
+    apply_plan(model, plan_for(model))
+    ids, mask = batch()
+    free = reference(model, ids, mask)
+    # end-of-sequence = the token row 0 emits third: row 0 stops there and pads, row 1 runs on
+    eos = int(free[0, PROMPT + 2])
+    want = reference(model, ids, mask, eos_token_id=eos, pad_token_id=0)
+    got = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="static",
+                              eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want)
+    # every row ends early: the output stops at the step the last row ended
+    first = [int(free[0, PROMPT]), int(free[1, PROMPT + 1])]
+    want = reference(model, ids, mask, eos_token_id=first, pad_token_id=0)
+    got = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="static",
+                              eos_token_id=first, pad_token_id=0)
+    assert got.shape[1] < PROMPT + NEW and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 6, 16])
+def test_chunked_prefill_equals_one_shot(chunk):
+    """Chunks smaller than the padding (a chunk with no real token in row 1), than the sink + the
+    windows, and the whole prompt but one token: same logits, same cache contents."""
+    model = tiny_model()
+    apply_plan(model, plan_for(model, "query_head"))
+    ids, mask = batch()
+    one, parts = make_cache(model, max_new_tokens=NEW), make_cache(model, max_new_tokens=NEW)
+    with torch.no_grad():
+        want = prefill(model, one, ids, mask)
+        # the final length is set by the first forward: give the chunked cache the same
+        parts.final_length = one.final_length
+        got = prefill(model, parts, ids, mask, chunk=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(parts.kv.n, one.kv.n)
+    for li in range(2):
+        torch.testing.assert_close(parts.kv.keys[li], one.kv.keys[li], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parts.kv.values[li], one.kv.values[li], rtol=1e-5, atol=1e-5)
+    # and generation from it: the same tokens as the reference, through both loops
+    want = reference(model, ids, mask)
+    for loop in ("static", "hf"):
+        got = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop=loop,
+                                  prefill_chunk=chunk)
+        assert torch.equal(got, want), loop
+
+
+def test_chunked_prefill_with_the_backends_agrees():
+    """The chunk path (CompressedKV.window + the prompt kernels' contract) on each CPU backend."""
+    model = tiny_model()
+    ids, mask = batch(n=40, pad=9)
+    outs = []
+    for backend in ("reference", "cpu_window"):
+        apply_plan(model, plan_for(model), backend=backend)
+        outs.append(moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=6, loop="static",
+                                        prefill_chunk=7))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], reference(model, ids, mask, new=6))
+
+
+def test_a_cache_too_small_is_refused_clearly():
+    model = tiny_model()
+    apply_plan(model, plan_for(model))
+    ids, mask = batch()
+    cache = make_cache(model, max_length=PROMPT + 2)
+    kw = {moa_search.cache_kwarg(model): cache}
+    with pytest.raises(MoaCacheError, match=rf"sized for {PROMPT + 2} tokens .* brings the sequence to {PROMPT + 3}"):
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **kw)
+    cache = make_cache(model, max_length=PROMPT - 1)
+    with pytest.raises(MoaCacheError, match="larger max_length"):
+        prefill(model, cache, ids, mask, chunk=4)
+    cache = make_cache(model, max_new_tokens=2)
+    with torch.no_grad():
+        prefill(model, cache, ids, mask)
+        with pytest.raises(MoaCacheError, match="batch 1 differs from the cache's 2"):
+            model(input_ids=ids[:1, :1], use_cache=True, **{moa_search.cache_kwarg(model): cache})
+
+
+def test_a_cache_outlived_by_its_plan_is_refused():
+    """A cache belongs to the plan applied when it was made: after apply_plan again (another plan)
+    or remove_plan it refuses to serve, instead of attending over a layout of other rules."""
+    model = tiny_model()
+    apply_plan(model, plan_for(model))
+    ids, mask = batch()
+    cache = make_cache(model, max_new_tokens=NEW)
+    apply_plan(model, plan_for(model, "query_head"))
+    with pytest.raises(MoaCacheError, match="applied again"):
+        with torch.no_grad():
+            prefill(model, cache, ids, mask)
+
+
+def test_beam_search_and_sampling_go_through_transformers():
+    model = tiny_model()
+    apply_plan(model, plan_for(model))
+    ids, mask = batch()
+    want = reference(model, ids, mask, num_beams=3)
+    assert torch.equal(moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, num_beams=3),
+                       want)
+    with pytest.raises(ValueError, match="greedy decoding only"):
+        moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, num_beams=3, loop="static")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="graph")
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+def test_gpu_graph_replay_equals_static_step_and_eager(granularity):
+    """CUDA: one graph replay per token (Triton decode kernel) gives the static step's tokens and
+    transformers' generate's with the same cache; fp32 so that argmax ties cannot differ."""
+    model = tiny_model().cuda()
+    apply_plan(model, plan_for(model, granularity))
+    ids, mask = batch(device="cuda", n=40, pad=9)
+    graph = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, loop="graph")
+    static = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, loop="static")
+    eager = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, loop="hf")
+    assert torch.equal(graph, static) and torch.equal(graph, eager)
+    chunked = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, loop="graph",
+                                  prefill_chunk=16)
+    assert torch.equal(chunked, graph)
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_prefill_bf16_kernels_match_one_shot():
+    """bf16 through the Triton prefill kernel on the chunk layout vs the one-shot prefill."""
+    model = tiny_model().to("cuda", torch.bfloat16)
+    apply_plan(model, plan_for(model, "query_head"))
+    ids, mask = batch(device="cuda", n=300, pad=37)
+    one, parts = make_cache(model, max_new_tokens=4), make_cache(model, max_new_tokens=4)
+    with torch.no_grad():
+        want = prefill(model, one, ids, mask)
+        parts.final_length = one.final_length
+        got = prefill(model, parts, ids, mask, chunk=64)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+    assert torch.equal(parts.kv.n, one.kv.n)
