@@ -88,31 +88,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _step(title: str, argv: list[str], con) -> None:
     from moa_search.cli import main
+    from moa_search.errors import MoaError
 
     con.rule(f"[bold]{title}")
     con.print("[dim]$ moa " + " ".join(argv) + "[/]")
     t0 = time.time()
     rc = main(argv)
+    if rc == 130:          # the step printed what it kept; the demo says what a rerun does
+        raise KeyboardInterrupt
     if rc != 0:
-        raise RuntimeError(f"`moa {' '.join(argv)}` failed with exit status {rc}")
+        raise MoaError(f"step {title} failed (exit status {rc}; its error is above): moa {' '.join(argv)}")
     con.print(f"[dim]{title}: {time.time() - t0:.0f}s[/]")
 
 
+def check_arguments(args) -> list[int] | None:
+    """Everything a typo can break, checked before torch loads."""
+    from moa_search.cli import check, lengths_arg
+    from moa_search.models import check_model_dir
+
+    lengths = lengths_arg("--lengths", args.lengths) if args.lengths else None
+    check(0 < args.budget <= 1, f"--budget must be in (0, 1], got {args.budget:g}")
+    check(args.sink is None or args.sink >= 0, f"--sink must be >= 0, got {args.sink}")
+    for flag, value in (("--calib-per-length", args.calib_per_length), ("--max-samples", args.max_samples),
+                        ("--eval-per-length", args.eval_per_length)):
+        check(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
+    if args.model is not None:
+        check_model_dir(args.model)
+    out = Path(args.output)
+    check(not out.exists() or out.is_dir(), f"{out}: exists and is not a folder; pass another -o")
+    return lengths
+
+
 def run(args) -> int:
+    import copy
+    import logging
+    import os
+
+    lengths = check_arguments(args)
+    os.environ.setdefault("MPLBACKEND", "Agg")            # files only, never a window
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)   # no "generated new fontManager" on a fresh machine
+
     import torch
     from rich.console import Console
 
     from moa_search.plan import load_plan
-    from moa_search.rules import parse_lengths
 
     con = Console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    import copy
-
     name = args.preset or ("quick" if args.quick else ("gpu" if device.startswith("cuda") else "cpu"))
     preset = copy.deepcopy(PRESETS[name])
-    if args.lengths:
-        preset.lengths = parse_lengths(args.lengths)
+    if lengths:
+        preset.lengths = lengths
     if args.source:
         preset.source = args.source
     for name in ("calib_per_length", "max_samples", "eval_per_length", "retrieval_mode"):

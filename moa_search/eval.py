@@ -99,6 +99,8 @@ def read_items(path: str | Path) -> list[dict]:
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of items")
     for n, it in enumerate(items):
+        if not isinstance(it, dict):
+            raise ValueError(f"{path}: item {n} is a {type(it).__name__}, expected a JSON object")
         missing = [k for k in ("prompt", "reference", "length") if k not in it]
         if missing:
             raise ValueError(f"{path}: item {n} ({it.get('id', '?')}) lacks field(s) {missing}; eval items need "
@@ -565,8 +567,23 @@ def run(args) -> int:
 
     try:
         metrics = parse_metrics(args.tasks)
-        lengths = parse_lengths(args.lengths)
+        try:
+            lengths = parse_lengths(args.lengths)
+        except ValueError as e:
+            raise ValueError(f"--lengths: {e}") from None
+        for flag, value in (("--per-length", args.per_length), ("--batch-size", args.batch_size),
+                            ("--depth-bins", args.depth_bins)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if args.sink < 0:
+            raise ValueError(f"--sink must be >= 0, got {args.sink}")
         configs = build_configs(args.dense, args.plan, args.uniform_density, args.sink)
+        if args.data is not None and not read_items(args.data):   # a broken file fails before the model loads
+            raise ValueError(f"{args.data}: no items (the file is empty)")
+        if args.model is not None:
+            from moa_search.models import check_model_dir
+
+            check_model_dir(args.model)
     except ValueError as e:
         print(f"moa eval: error: {e}", file=sys.stderr)
         return 2

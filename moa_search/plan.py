@@ -298,15 +298,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())   # after write: some writers (safetensors) recreate the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -329,10 +333,14 @@ def load_plan(path: str | os.PathLike) -> Plan:
     path = Path(path)
     if not path.exists():
         raise PlanError(f"{path}: no such plan file")
+    if path.is_dir():
+        raise PlanError(f"{path}: is a folder, expected a plan JSON file (e.g. {path / 'plan.json'})")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"{path}: not a JSON plan file (binary content, not UTF-8 text)") from None
     return Plan.from_dict(d, source=str(path))
 
 

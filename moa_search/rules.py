@@ -11,11 +11,11 @@ thing everywhere.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ def span(alpha, beta, n, min_span: int = 1):
     alpha, beta, n: scalars, numpy arrays or tensors (broadcast). Returns integers of
     the same kind. The raw value floor(alpha + beta*n) is clamped to [min_span, n].
     """
-    if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor) or isinstance(n, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor argument means torch is loaded; plans alone never need it
+    if torch is not None and any(isinstance(x, torch.Tensor) for x in (alpha, beta, n)):
         alpha, beta, n = (torch.as_tensor(x, dtype=torch.float64) for x in (alpha, beta, n))
         raw = torch.floor(alpha + beta * n)
         return torch.minimum(torch.clamp(raw, min=min_span), n).to(torch.int64)
@@ -52,7 +53,7 @@ def raw_span(alpha, beta, n):
     return np.floor(np.asarray(alpha, dtype=np.float64) + np.asarray(beta, dtype=np.float64) * np.asarray(n, dtype=np.float64))
 
 
-def kept(q_pos: torch.Tensor, k_pos: torch.Tensor, sink, span) -> torch.Tensor:
+def kept(q_pos, k_pos, sink, span):
     """The kept set as a boolean mask (attention-gym style: broadcast over any shape).
 
     q_pos, k_pos: integer positions counted from the first real token of the sequence
@@ -62,8 +63,10 @@ def kept(q_pos: torch.Tensor, k_pos: torch.Tensor, sink, span) -> torch.Tensor:
     return (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < span))
 
 
-def kept_matrix(n: int, sink: int, span: int, device=None) -> torch.Tensor:
+def kept_matrix(n: int, sink: int, span: int, device=None):
     """[n, n] bool mask of one head's rule at length n (prefill: every row uses span(n))."""
+    import torch
+
     pos = torch.arange(n, device=device)
     return kept(pos[:, None], pos[None, :], sink, span)
 
@@ -115,7 +118,8 @@ def candidate_grid(
     """Candidate rules valid at every length (0 < floor(alpha + beta*N) <= N).
 
     Default grid scales MoA's (alpha in -2048..8192 step 1024, beta in {0, 1/8, ..., 1}
-    for 2k/4k/8k profiles) to the longest length L: alpha in -L/4..L step L/alpha_steps.
+    for 2k/4k/8k profiles) to the longest length L: alpha = k L / alpha_steps for k from
+    floor(-alpha_steps / 4) to alpha_steps (-L/4..L for the default 8; -L/3..L for 6).
     """
     lengths = sorted(int(n) for n in lengths)
     if not lengths or lengths[0] <= 0:
