@@ -404,7 +404,8 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
         t = Table(title=f"{title}{label}")
         t.add_column("config")
         for n in lengths:
-            t.add_column(str(n), justify="right")
+            items = min(cell[(c, n)]["n"] for c in configs if (c, n) in cell)
+            t.add_column(f"{n}\n{items} items", justify="right")
         for c in configs:
             vals = []
             for n in lengths:
@@ -416,6 +417,10 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
                 vals.append(fmt.format(r[metric]) + kv)
             t.add_row(c, *vals)
         con.print(t)
+    least = min((r["n"] for r in main), default=0)
+    if least < 20:   # one item is 5+ accuracy points: say so rather than let a reader compare noise
+        con.print(f"[yellow]note: {least} item(s) per cell; differences of one item ({100 / max(least, 1):.0f} "
+                  "accuracy points) are noise at this size (more: --per-length)[/]")
 
 
 def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
