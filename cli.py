@@ -1,21 +1,27 @@
-"""`moa`: make a Hugging Face model's attention sparse, one elastic rule per head (MoA).
+"""`moa`: sparse attention for a Hugging Face model, one elastic rule per head (MoA).
 
-The pipeline on your checkpoint, one command a step (each step's --help has examples):
+The pipeline on your checkpoint M (a local folder), one command a step:
 
-    moa calibrate --model M -o calib                                  the model answers long-context prompts
-    moa profile   --model M --data calib --lengths 2048,4096,8192 -o prof    how much each head needs far tokens
-    moa search    --profiles prof --budget 0.5 -o search                a plan: search/plan.json
-    moa eval      --model M --dense --plan search/plan.json --uniform-density 0.5 -o eval
-    moa generate  --model M --plan search/plan.json --prompt "..."
+  1. the model answers long-context prompts (its answers calibrate it)
+       moa calibrate --model M -o calib
+  2. measure how far back each head needs to look, at several lengths
+       moa profile --model M --data calib --lengths 2048,4096,8192 -o prof
+  3. choose a rule per head under a density budget: search/plan.json
+       moa search --profiles prof --budget 0.5 --extend-lengths 16k -o search
+  4. compare dense, the plan and the uniform baseline; use the plan
+       moa eval --model M --dense --plan search/plan.json \\
+                --uniform-density 0.5 -o eval
+       moa generate --model M --plan search/plan.json --prompt "..."
 
 Plans and speed:
+  moa plan inspect search/plan.json          densities per length and per layer
+  moa plan uniform --model M --span-fraction 0.5 -o uniform.json
+  moa bench decode --model-shape llama-7b --density 0.5      (GPU)
 
-    moa plan inspect search/plan.json      densities per length, per layer
-    moa plan uniform --model M --span-fraction 0.5 -o uniform.json   the StreamingLLM baseline
-    moa bench decode --model-shape llama-7b --density 0.5            decode speed and memory (GPU)
-
-Try everything on the small model that ships with moa-search: `moa demo --quick` (a smoke
-run), `moa demo` (the real one). Models load from local folders only (no Hub).
+Try it all on the small model that ships with moa-search: `moa demo --quick`
+(a smoke run, under a minute on a CPU), then `moa demo`. `moa COMMAND --help`
+explains each step. An interrupted calibrate, profile or search resumes when
+the same command runs again.
 """
 from __future__ import annotations
 
@@ -220,16 +226,27 @@ def run_plan_uniform(args) -> int:
 # ----------------------------------------------------------------------------- moa generate
 
 
+GENERATE_HELP = """\
+Generate text from a prompt with a plan applied (or dense, to compare).
+
+examples:
+  moa generate --model M --plan search/plan.json --prompt "The pass key is 71432. ..."
+  moa generate --model M --dense --prompt-file long_prompt.txt --max-new-tokens 32
+"""
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = GENERATE_HELP
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
     p.add_argument("--plan", help="plan JSON (omit with --dense)")
     p.add_argument("--dense", action="store_true", help="run the dense model (no plan)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="file holding the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     add_device_map_argument(p)
