@@ -1,4 +1,4 @@
-"""`moa`: sparse attention for a Hugging Face model, one elastic rule per head (MoA).
+"""`moa`: per-head elastic sparse attention (MoA) for a Hugging Face model.
 
 The pipeline on your checkpoint M (a local folder), one command a step:
 
