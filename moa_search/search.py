@@ -748,7 +748,8 @@ def check_arguments(args) -> None:
         need(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
     need(args.time_limit is None or args.time_limit > 0, f"--time-limit must be > 0 seconds, got {args.time_limit}")
     need(args.mip_gap >= 0, f"--mip-gap must be >= 0, got {args.mip_gap}")
-    need(Path(args.profiles).is_dir(), f"{args.profiles}: no such profile folder (make one with `moa profile`)")
+    need(Path(args.profiles).exists(), f"{args.profiles}: no such profile folder (make one with `moa profile`)")
+    need(Path(args.profiles).is_dir(), f"{args.profiles}: a file; --profiles takes the folder `moa profile -o` wrote")
 
 
 def run(args) -> int:

@@ -109,6 +109,9 @@ def cases(f):
         (["search", "--profiles", cal, "--budget", "0.5", "-o", o], "calib_other: no influence_*.safetensors files"),
         (["search", "--profiles", cut, "--budget", "0.5", "-o", o], "influence_256.safetensors: cannot read as safetensors"),
         (["search", "--profiles", prof, "--budget", "0.5", "--model", demo, "-o", o], "give --model and --validation together"),
+        (["search", "--profiles", plan, "--budget", "0.5", "-o", o], "plan.json: a file; --profiles takes the folder"),
+        (["search", "--profiles", prof, "--budget", "0.5", "--model", demo, "--validation", prof, "-o", o],
+         "--validation " + prof + ": not a saved dataset"),
         # plan
         (["plan", "inspect", str(d / "nope.json")], "nope.json: no such plan file"),
         (["plan", "inspect", half], "half.json: not valid JSON"),
@@ -138,6 +141,7 @@ def cases(f):
         (["eval", "--model", demo, "--dense", "--data", empty, "--lengths", "256", "-o", o], "empty.jsonl: no items"),
         (["eval", "--model", demo, "--dense", "--data", bad, "--lengths", "256", "-o", o], "bad.jsonl, line 2: not valid JSON"),
         (["eval", "--model", demo, "--dense", "--per-length", "0", "-o", o], "--per-length must be >= 1, got 0"),
+        (["eval", "--model", demo, "--dense", "--data", str(d / "list.jsonl"), "-o", o], "list.jsonl: item 0 is a list"),
         # bench
         (["bench", "prefill", "--lengths", "512,abc"], "--lengths: cannot read length 'abc'"),
         (["bench", "prefill", "--density", "1.5"], "--density values must be in (0, 1], got 1.5"),
