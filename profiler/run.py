@@ -79,6 +79,18 @@ def load_for_profiling(path: str, device: str | None, dtype: str, device_map=Non
     return model
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each message (a test or a caller may have replaced it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def check_arguments(args) -> list[int]:
     """The flags' values, checked before anything loads; returns the lengths."""
     from moa_search.errors import MoaError
@@ -128,11 +140,10 @@ def run(args) -> int:
     rank, _ = distributed.info()
     log = logging.getLogger("moa_search.profiler")   # ours only: the root logger at INFO would show other
     if not log.handlers:                              # libraries' notes (matplotlib's "generated new fontManager")
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("moa profile: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    log.handlers[0].setStream(sys.stderr)             # this run's stderr (several runs in one process)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         from moa_search.models import parse_device_map
