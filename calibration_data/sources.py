@@ -140,6 +140,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _blank(path: Path) -> bool:
+    """An empty or whitespace-only file (read only when small)."""
+    return path.stat().st_size < 4096 and not path.read_bytes().strip()
+
+
 def check_source(source: str) -> None:
     """What can be checked before the model loads: task names, that files exist, every JSON line."""
     source = source.strip()
@@ -154,10 +159,12 @@ def check_source(source: str) -> None:
     if not path.exists():
         raise SourceError(f"--source {path}: no such file or folder (built-in sources: 'default', "
                           f"'synthetic:{','.join(tasks.TASKS)}')")
-    files = [path] if path.is_file() else sorted(path.glob("*.jsonl"))
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
     for p in files:
         if p.suffix == ".jsonl":
             read_jsonl(p)
+        elif p.suffix == ".json" and _blank(p):
+            raise SourceError(f"{p}: no records (the file is empty)")
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -170,7 +177,10 @@ def read_records(path: str | Path) -> list[dict]:
 
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
                           or (path / "state.json").exists()):
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # a damaged folder: name it rather than show datasets' internals
+            raise SourceError(f"{path}: could not be read as a saved dataset ({type(e).__name__}: {e})") from None
         if isinstance(ds, datasets.DatasetDict):
             splits = list(ds)
             if len(splits) == 1 or "train" in ds:
@@ -185,6 +195,9 @@ def read_records(path: str | Path) -> list[dict]:
     if None in kinds or len(kinds) > 1:
         raise SourceError(f"{path}: expected .json, .jsonl or .parquet files of one kind, got "
                           f"{sorted({p.suffix or p.name for p in files})}")
+    empty = [p for p in files if p.suffix != ".parquet" and _blank(p)]
+    if empty:
+        raise SourceError(f"{empty[0]}: no records (the file is empty)")
     if all(p.suffix == ".jsonl" for p in files):   # read here, line by line, so an error names the file and the line
         return [row for p in files for row in read_jsonl(p)]
     try:

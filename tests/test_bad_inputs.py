@@ -43,6 +43,7 @@ def files(tmp_path_factory):
     (d / "moa_half.json").write_text('{"alphas": [[1024.0, 10')
 
     (d / "empty.jsonl").write_text("")
+    (d / "empty.json").write_text("\n")
     (d / "bad.jsonl").write_text('{"prompt": "the pass key is 1"}\n{"prompt": "the pass key is 2",\n')
     (d / "list.jsonl").write_text('["a", "b"]\n')
     (d / "notes.txt").write_text("not a model\n")
@@ -82,6 +83,8 @@ def cases(f):
         (["calibrate", "--model", prof, "-o", o], "profiles: no config.json"),
         (["calibrate", "--model", demo, "--source", empty, "-o", o], "empty.jsonl: no records"),
         (["calibrate", "--model", demo, "--source", bad, "-o", o], "bad.jsonl, line 2: not valid JSON"),
+        (["calibrate", "--model", demo, "--source", str(d / "empty.json"), "--lengths", "512", "-o", o],
+         "empty.json: no records"),
         (["calibrate", "--model", demo, "--source", str(d / "list.jsonl"), "-o", o], "list.jsonl, line 1: expected a JSON object"),
         (["calibrate", "--model", demo, "--source", missing, "-o", o], "missing.jsonl: no such file or folder"),
         (["calibrate", "--model", demo, "--lengths", "512,abc", "-o", o], "--lengths: cannot read length 'abc'"),
