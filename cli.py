@@ -148,10 +148,12 @@ def check(ok: bool, message: str) -> None:
 
 
 def model_shape(model_dir: str):
-    """The attention shape of a checkpoint folder, from its config.json alone."""
+    """The attention shape of a checkpoint folder (or of its config.json), from the config alone."""
     from moa_search.models import check_model_dir
     from moa_search.plan import ModelShape
 
+    if Path(model_dir).suffix == ".json" and Path(model_dir).is_file():
+        return ModelShape.from_pretrained(model_dir)
     return ModelShape.from_pretrained(check_model_dir(model_dir))
 
 
