@@ -98,7 +98,14 @@ class ModelShape:
             d = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise PlanError(f"{cfg}: not valid JSON ({e})") from None
-        return cls.from_config(d)
+        except UnicodeDecodeError:
+            raise PlanError(f"{cfg}: not a JSON config (binary content)") from None
+        if not isinstance(d, dict):
+            raise PlanError(f"{cfg}: expected a JSON object (a model config), got {type(d).__name__}")
+        try:
+            return cls.from_config(d)
+        except PlanError as e:
+            raise PlanError(f"{cfg}: {e}") from None
 
 
 _FINGERPRINT_KEYS = (
