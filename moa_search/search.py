@@ -580,10 +580,11 @@ def print_summary(res: SearchResult, problem: Problem, console=None) -> None:
 
     con = console or Console()
     # narrow enough for 80 columns: per-length densities and solver details are in summary.csv
-    samples = res.plan.provenance.get("calibration_samples")
+    samples, items = res.plan.provenance.get("calibration_samples"), res.plan.validation.get("items")
+    caption = [f"predicted loss from {samples} profiled sample(s) per length"] if samples else []
+    caption += [f"score: held-out loss on {items} item(s)"] if items else []
     t = Table(title=f"Pareto plans: {problem.kind} density <= {problem.budget:g} at every N in "
-                    f"{', '.join(map(_short, problem.budget_lengths))}",
-              caption=f"predicted loss from {samples} profiled sample(s) per length" if samples else None)
+                    f"{', '.join(map(_short, problem.budget_lengths))}", caption="; ".join(caption) or None)
     for col in ["plan"] + [f"loss@{_short(n)}" for n in problem.loss_lengths] + ["max dens", "score"]:
         t.add_column(col, justify="right", no_wrap=True)
     for i, (plan, p, s) in enumerate(res.pareto):
