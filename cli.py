@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -330,6 +331,10 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while waiting for each other burn the cores of a shared CPU machine
+    # (`moa demo --quick` on 2 cores at load 5: 133 s spinning, 34 s passive); on an idle machine
+    # passive waiting costs little. Only effective before torch loads; the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(chosen)
