@@ -178,3 +178,10 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(capsys, model_dir, tmp_path
     interrupt_on_call(monkeypatch, C, "_trim", 1)      # before any answer was kept
     code, _, err = run(capsys, *calibrate, "-o", tmp_path / "cal2")
     assert code == 130 and "no answers were kept yet" in err and not C.answers_checkpoint(tmp_path / "cal2").exists()
+
+
+def test_openmp_waits_passively_unless_the_user_says(capsys, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["plan", "schema"]) == 0 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["plan", "schema"]) == 0 and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
