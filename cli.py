@@ -1,27 +1,40 @@
-"""`moa`: the command-line front of moa-search.
+"""`moa`: per-head elastic sparse attention (MoA) for a Hugging Face model.
 
-The pipeline, one subcommand a step:
+The pipeline on your checkpoint M (a local folder), one command a step:
 
-    moa calibrate   a calibration set whose answers the model itself wrote
-    moa profile     per-head, per-block attention influence at several lengths
-    moa search      per-head elastic rules under a density budget -> plan.json
-    moa plan        inspect, convert (official MoA format) or build (uniform) plans
-    moa generate    run a model with a plan
-    moa eval        retrieval accuracy and perplexity: dense vs plans
-    moa bench       kernel and decode speed against dense SDPA and FlexAttention
-    moa demo        all of the above on the embedded model
+  1. the model answers long-context prompts (its answers calibrate it)
+       moa calibrate --model M -o calib
+  2. measure how far back each head needs to look, at several lengths
+       moa profile --model M --data calib --lengths 2048,4096,8192 -o prof
+  3. choose a rule per head under a density budget: search/plan.json
+       moa search --profiles prof --budget 0.5 --extend-lengths 16k -o search
+  4. compare dense, the plan and the uniform baseline; use the plan
+       moa eval --model M --dense --plan search/plan.json \\
+                --uniform-density 0.5 -o eval
+       moa generate --model M --plan search/plan.json --prompt "..."
 
-Each step's options live beside its code: the module named in COMMANDS provides
-`add_arguments(parser)` and `run(args) -> int`.
+Plans and speed:
+  moa plan inspect search/plan.json          densities per length and per layer
+  moa plan uniform --model M --span-fraction 0.5 -o uniform.json
+  moa bench decode --model-shape llama-7b --density 0.5      (GPU)
+
+Try it all on the small model that ships with moa-search: `moa demo --quick`
+(a smoke run, under a minute on a CPU), then `moa demo`. `moa COMMAND --help`
+explains each step. An interrupted calibrate, profile or search resumes when
+the same command runs again.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
+from pathlib import Path
 
+from moa_search.errors import check
 from moa_search.models import add_device_map_argument, load_model, parse_device_map
+from moa_search.rules import lengths_arg
 
 COMMANDS = {
     # name: (module, one-line help, issue that builds it)
@@ -118,12 +131,22 @@ def _layer_dens(plan, layer, n):
             "compute_density": float(R.compute_density(plan.sink, s, n).mean())}
 
 
+def model_shape(model_dir: str):
+    """The attention shape of a checkpoint folder (or of its config.json), from the config alone."""
+    from moa_search.models import check_model_dir
+    from moa_search.plan import ModelShape
+
+    if Path(model_dir).suffix == ".json" and Path(model_dir).is_file():
+        return ModelShape.from_pretrained(model_dir)
+    return ModelShape.from_pretrained(check_model_dir(model_dir))
+
+
 def run_plan_inspect(args) -> int:
     from moa_search.plan import load_plan
-    from moa_search.rules import parse_lengths
 
+    lengths = lengths_arg("--lengths", args.lengths) if args.lengths else None
     plan = load_plan(args.plan)
-    lengths = parse_lengths(args.lengths) if args.lengths else (plan.profiled_lengths or [4096, 8192, 16384])
+    lengths = lengths or plan.profiled_lengths or [4096, 8192, 16384]
     info = plan_summary(plan, lengths)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -152,15 +175,19 @@ def run_plan_inspect(args) -> int:
 
 
 def run_plan_convert(args) -> int:
-    from moa_search.plan import ModelShape, PlanError, plan_from_moa, save_plan
+    from moa_search.plan import PlanError, plan_from_moa, save_plan
 
-    shape = ModelShape.from_pretrained(args.model)
     try:
         obj = json.loads(open(args.from_moa).read())
     except FileNotFoundError:
         raise PlanError(f"{args.from_moa}: no such file") from None
+    except IsADirectoryError:
+        raise PlanError(f"{args.from_moa}: is a folder, expected the official MoA JSON file") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"{args.from_moa}: not a JSON file (binary content)") from None
     except json.JSONDecodeError as e:
         raise PlanError(f"{args.from_moa}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    shape = model_shape(args.model)
     plan = plan_from_moa(obj, shape, source=args.from_moa)
     save_plan(plan, args.output)
     print(f"wrote {args.output}: {plan.model.num_layers} layers x {plan.model.num_query_heads} query heads, sink {plan.sink}")
@@ -168,9 +195,13 @@ def run_plan_convert(args) -> int:
 
 
 def run_plan_uniform(args) -> int:
-    from moa_search.plan import ModelShape, save_plan, uniform_plan
+    from moa_search.plan import save_plan, uniform_plan
 
-    shape = ModelShape.from_pretrained(args.model)
+    check(args.sink >= 0, f"--sink must be >= 0, got {args.sink}")
+    check(args.span_fraction is None or 0 < args.span_fraction <= 1,
+          f"--span-fraction must be in (0, 1], got {args.span_fraction}")
+    check(args.span_tokens is None or args.span_tokens >= 1, f"--span-tokens must be >= 1, got {args.span_tokens}")
+    shape = model_shape(args.model)
     plan = uniform_plan(shape, sink=args.sink, span_fraction=args.span_fraction, span_tokens=args.span_tokens)
     save_plan(plan, args.output)
     print(f"wrote {args.output}: uniform sink {args.sink} + "
@@ -181,16 +212,27 @@ def run_plan_uniform(args) -> int:
 # ----------------------------------------------------------------------------- moa generate
 
 
+GENERATE_HELP = """\
+Generate text from a prompt with a plan applied (or dense, to compare).
+
+examples:
+  moa generate --model M --plan search/plan.json --prompt "The pass key is 71432. ..."
+  moa generate --model M --dense --prompt-file long_prompt.txt --max-new-tokens 32
+"""
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = GENERATE_HELP
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
     p.add_argument("--plan", help="plan JSON (omit with --dense)")
     p.add_argument("--dense", action="store_true", help="run the dense model (no plan)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="file holding the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     add_device_map_argument(p)
@@ -201,18 +243,30 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args) -> int:
+    from moa_search.models import check_model_dir
+    from moa_search.plan import ModelShape, check_plan_fits, load_plan
+
+    check(args.dense or args.plan, "give --plan PLAN, or --dense for the dense model")
+    check(not (args.dense and args.plan), "give --plan PLAN or --dense, not both")
+    check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check(not args.sample or args.temperature > 0, f"--temperature must be > 0, got {args.temperature:g}")
+    if args.prompt_file is not None:
+        check(Path(args.prompt_file).is_file(), f"{args.prompt_file}: no such prompt file")
+    plan = load_plan(args.plan) if args.plan else None   # a broken plan fails before the model loads
+    folder = check_model_dir(args.model)
+    if plan is not None and (folder / "config.json").is_file():
+        check_plan_fits(plan, ModelShape.from_pretrained(folder))
+    device_map = parse_device_map(args.device_map)
+    prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
+
     import torch
 
     from moa_search import apply_plan
     from moa_search.apply import input_device
 
-    if not args.dense and not args.plan:
-        print("moa generate: give --plan PLAN, or --dense for the dense model", file=sys.stderr)
-        return 2
-    prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
-    model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map))
-    if not args.dense:
-        apply_plan(model, args.plan)
+    model, tok = load_model(args.model, args.device, args.dtype, device_map)
+    if plan is not None:
+        apply_plan(model, plan)
     enc = tok(prompt, return_tensors="pt").to(input_device(model))
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -247,6 +301,10 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while waiting for each other burn the cores of a shared CPU machine
+    # (`moa demo --quick` on 2 cores at load 5: 133 s spinning, 34 s passive); on an idle machine
+    # passive waiting costs little. Only effective before torch loads; the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(chosen)
@@ -262,8 +320,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nmoa {args.command}: interrupted", file=sys.stderr)
+        print(f"\nmoa {args.command}: interrupted; {interrupted(args)}", file=sys.stderr)
         return 130
+
+
+def interrupted(args) -> str:
+    """What an interrupted step kept on disk, and how to go on."""
+    out = Path(getattr(args, "output", None) or ".")
+    again = "the same command without --restart" if getattr(args, "restart", False) else "the same command"
+    if args.command == "calibrate":
+        from moa_search.calibrate import answers_checkpoint
+
+        ckpt = answers_checkpoint(out)
+        if ckpt.exists():
+            return f"the answers so far are kept in {ckpt}; {again} answers only the rest"
+        return (f"no answers were kept yet (they are kept every --checkpoint-every {args.checkpoint_every} "
+                "batches); the same command starts again")
+    if args.command == "profile":
+        kept = sorted(p.name for p in out.glob("checkpoints/*")) + sorted(p.name for p in out.glob("influence_*.safetensors"))
+        if kept:
+            return f"kept in {out}: {', '.join(kept)}; {again} resumes from them (--restart discards them)"
+        return (f"nothing was kept yet (sums are kept every --checkpoint-every {args.checkpoint_every} samples); "
+                "the same command starts again")
+    if args.command == "search":
+        if (out / "search.db").exists():
+            return (f"the finished Pareto points are kept in {out / 'search.db'}; the same command resumes "
+                    "and solves only the rest")
+        return "nothing was kept; the same command starts again"
+    if args.command == "demo":
+        return (f"{out}/ keeps the outputs of the finished steps; `moa demo` again runs every step again "
+                "(a calibration stopped midway resumes from its kept answers)")
+    return "nothing was written (this step keeps no partial results); run it again"
 
 
 if __name__ == "__main__":

@@ -115,17 +115,72 @@ def _synthetic(names, lengths, per_length, seed, count_tokens, budget) -> list[d
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON Lines file, one object a line (blank lines skipped); errors name the line."""
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    raise SourceError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise SourceError(f"{path}, line {n}: expected a JSON object {{\"prompt\": ...}} or "
+                                      f"{{\"context\": ...}}, got a {type(row).__name__}")
+                rows.append(row)
+        except UnicodeDecodeError:
+            raise SourceError(f"{path}: not UTF-8 text (a JSON Lines file is text, one JSON object a line)") from None
+    if not rows:
+        raise SourceError(f"{path}: no records (the file is empty; expected one JSON object a line)")
+    return rows
+
+
+def _blank(path: Path) -> bool:
+    """An empty or whitespace-only file (read only when small)."""
+    return path.stat().st_size < 4096 and not path.read_bytes().strip()
+
+
+def check_source(source: str) -> None:
+    """What can be checked before the model loads: task names, that files exist, every JSON line."""
+    source = source.strip()
+    if source == "default" or source == "synthetic":
+        return
+    if source.startswith("synthetic:"):
+        unknown = [t.strip() for t in source.partition(":")[2].split(",") if t.strip() and t.strip() not in tasks.TASKS]
+        if unknown:
+            raise SourceError(f"--source {source}: unknown task(s) {unknown}; known: {', '.join(tasks.TASKS)}")
+        return
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"--source {path}: no such file or folder (built-in sources: 'default', "
+                          f"'synthetic:{','.join(tasks.TASKS)}')")
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+    for p in files:
+        if p.suffix == ".jsonl":
+            read_jsonl(p)
+        elif p.suffix == ".json" and _blank(p):
+            raise SourceError(f"{p}: no records (the file is empty)")
+
+
 def read_records(path: str | Path) -> list[dict]:
     """Rows of a local json/jsonl/parquet file, a folder of them, or a saved dataset."""
-    import datasets
-
     path = Path(path)
     if not path.exists():
         raise SourceError(f"--source {path}: no such file or folder (built-in sources: 'default', "
                           f"'synthetic:{','.join(tasks.TASKS)}')")
+    import datasets
+
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
                           or (path / "state.json").exists()):
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # a damaged folder: name it rather than show datasets' internals
+            raise SourceError(f"{path}: could not be read as a saved dataset ({type(e).__name__}: {e})") from None
         if isinstance(ds, datasets.DatasetDict):
             splits = list(ds)
             if len(splits) == 1 or "train" in ds:
@@ -140,6 +195,11 @@ def read_records(path: str | Path) -> list[dict]:
     if None in kinds or len(kinds) > 1:
         raise SourceError(f"{path}: expected .json, .jsonl or .parquet files of one kind, got "
                           f"{sorted({p.suffix or p.name for p in files})}")
+    empty = [p for p in files if p.suffix != ".parquet" and _blank(p)]
+    if empty:
+        raise SourceError(f"{empty[0]}: no records (the file is empty)")
+    if all(p.suffix == ".jsonl" for p in files):   # read here, line by line, so an error names the file and the line
+        return [row for p in files for row in read_jsonl(p)]
     try:
         ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     except Exception as e:  # datasets raises many kinds; say which file and why

@@ -1,11 +1,22 @@
-"""`moa bench`: speed and memory against the baselines, measured side by side in one run.
+"""`moa bench`: speed and memory of a plan against the dense baselines, measured side by side.
 
-    moa bench prefill ...   block-sparse prefill kernel vs dense SDPA and FlexAttention
-    moa bench decode ...    compressed-cache decode vs transformers' dense SDPA path
-    moa bench e2e ...       whole-model generate: time to first token and decode, every path
+    moa bench prefill   the block-sparse prefill kernel vs dense SDPA and FlexAttention (GPU)
+    moa bench decode    decode with the compressed KV cache vs transformers' dense cache:
+                        cache bytes, step latency, throughput at the largest batch that fits
+    moa bench e2e       whole-model generate, every path side by side: time to first token,
+                        decode tokens/s at batch 1 and the largest batch, peak memory, the floor (GPU)
 
-Each mode lives in its own module (bench_prefill, bench_decode) with add_arguments/run;
-`moa bench MODE --help` shows its options.
+Models are random-weight stand-ins of a named shape (--model-shape llama-7b, llama3-8b,
+mistral-7b, qwen2-7b, ...): speed does not depend on the weights. Give a plan made for that
+shape (--plan), or a density (--density) for a synthetic one.
+
+examples:
+    moa bench prefill --model-shape llama3-8b --density 0.5,0.25 --lengths 8192,16384,32768
+    moa bench prefill --plan search/plan.json --lengths 16k,32k --json prefill.json
+    moa bench decode  --model-shape llama-7b --density 0.5 --prompt-len 16384 --new-tokens 256
+    moa bench decode  --model-shape tiny --density 0.5 --device cpu --prompt-len 256 --new-tokens 32   # smoke test
+
+`moa bench prefill --help` and `moa bench decode --help` list every option.
 """
 from __future__ import annotations
 
@@ -36,8 +47,8 @@ MODES = {"prefill": "moa_search.bench_prefill", "decode": "moa_search.bench_deco
 def add_arguments(p) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
-    p.add_argument("mode", choices=list(MODES), help="what to time")
-    p.add_argument("options", nargs=argparse.REMAINDER, help="options of the mode (see moa bench MODE --help)")
+    p.add_argument("mode", choices=list(MODES), help="prefill or decode")
+    p.add_argument("options", nargs=argparse.REMAINDER, metavar="...", help="the mode's options (moa bench MODE --help)")
 
 
 def run(args) -> int:

@@ -82,7 +82,9 @@ def build_plan(model, args):
     sink = 64
     fraction = (args.density * final - sink) / final
     if not 0 < fraction <= 1:
-        raise SystemExit(f"--density {args.density} leaves no window at {final} tokens with a {sink}-token sink")
+        from .errors import MoaError
+
+        raise MoaError(f"--density {args.density} leaves no window at {final} tokens with a {sink}-token sink")
     return uniform_plan(ModelShape.from_config(model.config), sink=sink, span_fraction=fraction)
 
 
@@ -243,9 +245,31 @@ def kernel_alone(model, args, dtype, device):
 # ----------------------------------------------------------------------------- main
 
 
+def check_arguments(args) -> None:
+    """Flags that cannot work together, before any model is built."""
+    from .errors import MoaError
+
+    for flag, value in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens), ("--steps", args.steps),
+                        ("--max-batch", args.max_batch), ("--kernel-batch", args.kernel_batch)):
+        if value < 1:
+            raise MoaError(f"{flag} must be >= 1, got {value}")
+    if args.density is not None and not 0 < args.density <= 1:
+        raise MoaError(f"--density must be in (0, 1], got {args.density:g}")
+    # the cache holds prompt + new tokens; a measurement decodes 2 warm-up steps + --steps
+    if args.new_tokens < args.steps + 2:
+        raise MoaError(f"--new-tokens ({args.new_tokens}) must be at least --steps + 2 ({args.steps + 2}): the cache "
+                       "is sized for prompt + new tokens and each measurement decodes 2 warm-up steps and --steps timed ones")
+    if args.steps + 2 > 64:
+        raise MoaError(f"--steps must be at most 62, got {args.steps} (the fixed-cost measurement decodes 64 tokens)")
+
+
 def run(args) -> int:
     from .apply import apply_plan, remove_plan
+    from .plan import load_plan
 
+    check_arguments(args)
+    if args.plan:
+        load_plan(args.plan)   # a broken file fails before the model is built
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("moa bench decode: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)

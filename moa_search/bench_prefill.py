@@ -76,13 +76,15 @@ def add_arguments(p) -> None:
 
 
 def resolve_shape(name: str) -> ModelShape:
+    from .errors import MoaError
+
     if name in MODEL_SHAPES:
         shape = ModelShape.from_config(dict(MODEL_SHAPES[name], model_type="preset"))
         return replace(shape, architecture=name)
     try:
         return ModelShape.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - turn any failure into one clear message
-        raise SystemExit(f"--model-shape {name!r}: not a preset ({', '.join(MODEL_SHAPES)}) and not a model "
+        raise MoaError(f"--model-shape {name!r}: not a preset ({', '.join(MODEL_SHAPES)}) and not a model "
                          f"directory ({e})") from None
 
 
@@ -186,6 +188,25 @@ class _FlexCase:
 
 
 def run(args) -> int:
+    from .errors import MoaError
+
+    try:   # the arguments first: a typo is reported on any machine, before the GPU is looked for
+        lengths = R.parse_lengths(args.lengths)
+    except ValueError as e:
+        raise MoaError(f"--lengths: {e}") from None
+    try:
+        densities = [] if args.plan else [float(x) for x in args.density.split(",") if x.strip()]
+    except ValueError:
+        raise MoaError(f"--density: expected numbers like 0.5,0.25, got {args.density!r}") from None
+    densities = [R.check_density(d, "--density") for d in densities]
+    for flag, value in (("--batch", args.batch), ("--rounds", args.rounds)):
+        if value < 1:
+            raise MoaError(f"{flag} must be >= 1, got {value}")
+    if args.sink < 0:
+        raise MoaError(f"--sink must be >= 0, got {args.sink}")
+    plan = load_plan(args.plan) if args.plan else None
+    shape = plan.model if plan else resolve_shape(args.model_shape)
+    sink = plan.sink if plan else args.sink
     if not torch.cuda.is_available():
         print("moa bench prefill needs a CUDA GPU (it times Triton kernels, SDPA flash and FlexAttention)", file=sys.stderr)
         return 2
@@ -194,16 +215,6 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from moa_search.kernels import prefill
-
-    lengths = R.parse_lengths(args.lengths)
-    plan = load_plan(args.plan) if args.plan else None
-    shape = plan.model if plan else resolve_shape(args.model_shape)
-    sink = plan.sink if plan else args.sink
-    densities = [] if plan else [float(x) for x in args.density.split(",") if x.strip()]
-    try:
-        densities = [R.check_density(d, "--density") for d in densities]
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
     dtype = getattr(torch, args.dtype)
     B, Hq, Hkv, D = args.batch, shape.num_query_heads, shape.num_kv_heads, shape.head_dim
     scale = D ** -0.5

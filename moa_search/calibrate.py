@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 from moa_search import distributed
-from moa_search.apply import input_device
 from moa_search.plan import PlanError
 
 FORMAT = "moa-search-calibration"
@@ -193,6 +192,8 @@ def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 
     import torch
     from tqdm.auto import tqdm
 
+    from moa_search.apply import input_device
+
     if not items:
         raise CalibrationError("no calibration items to answer")
     if stop_at_newline is None:
@@ -334,13 +335,14 @@ def load_meta(path) -> dict:
 
 def save_calibration(ds, out, meta: dict, overwrite: bool = False) -> Path:
     """Write ds + meta.json to folder `out` atomically (built beside it, then renamed)."""
-    from moa_search.files import atomic_write_text
+    from moa_search.files import atomic_write_text, current_umask
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CalibrationError(f"{out}: exists and is not empty; pass --overwrite or another -o")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    os.chmod(tmp, 0o777 & ~current_umask())   # mkdtemp makes it private (0700); a plain mkdir would not
     try:
         ds.save_to_disk(str(tmp))
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
@@ -477,6 +479,11 @@ def run(args) -> int:
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CalibrationError(f"{out}: exists and is not empty; pass --overwrite or another -o")
+    from moa_search.calibration_data import sources
+    from moa_search.models import check_model_dir
+
+    check_model_dir(args.model)          # before torch loads: a wrong folder or source fails in a second
+    sources.check_source(args.source)
     ckpt = answers_checkpoint(out)
     if args.restart:
         ckpt.unlink(missing_ok=True)

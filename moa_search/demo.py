@@ -1,7 +1,7 @@
 """`moa demo`: the whole pipeline on the embedded model, dense vs MoA vs uniform.
 
-    moa demo                  # CPU: ~10 min on 2 cores (512/1k/2k, eval to 4k); GPU: a few minutes (1k/2k/4k, to 8k)
-    moa demo --quick          # tiny sample counts and short lengths (~1-2 min on a CPU; CI)
+    moa demo                  # CPU: 10-20 min on 2 cores (512/1k/2k, eval to 4k); GPU: a few minutes (1k/2k/4k, to 8k)
+    moa demo --quick          # a smoke run: 3 items per length, lengths 192-384 (+768 eval); under a minute on 2 CPU cores
     moa demo --model MODEL_DIR -o out/
 
 Steps, each the public command of its stage, everything in one folder (-o, default moa_out/demo):
@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from moa_search.errors import MoaError
 from moa_search.models import embedded_model_dir  # the demo's default model
 
 
@@ -49,8 +50,8 @@ class Preset:
 
 
 PRESETS = {
-    # CI: seconds per step on a CPU
-    "quick": Preset([256, 512, 768], "default", 1, 2, 1, 4, "forced", False),
+    # CI: seconds per step on a CPU (the default tasks need ~170 tokens; profiling cost grows ~N^2)
+    "quick": Preset([192, 288, 384], "default", 1, 2, 1, 4, "forced", False),
     # the default calibration recipe at 512/1k/2k, sized for 2 CPU cores
     "cpu": Preset([512, 1024, 2048], "default", 2, 6, 3, 8, "forced", False),
     # a GPU: more samples, generation, selection by held-out loss
@@ -61,14 +62,14 @@ PRESETS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
-    p.add_argument("--quick", action="store_true", help="tiny sample counts, lengths 256-768 (+1536 eval): CI smoke run")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 3 items per length, lengths 192-384 (+768 eval); its numbers are noise")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="sizes of the run (default: quick with --quick, else gpu on CUDA, cpu otherwise)")
     p.add_argument("--model", default=None, metavar="MODEL_DIR", help="checkpoint (default: the embedded demo model)")
     p.add_argument("-o", "--output", default="moa_out/demo", metavar="DIR", help="output folder (default moa_out/demo)")
     p.add_argument("--budget", type=float, default=0.5, help="KV density of the MoA and uniform plans (default 0.5)")
     p.add_argument("--lengths", default=None, help="profiled lengths (default 512,1024,2048 on CPU, 1024,2048,4096 on GPU; "
-                        "--quick 256,512,768)")
+                        "--quick 192,288,384)")
     p.add_argument("--source", default=None, help="calibration source (default: the default calibration set)")
     p.add_argument("--calib-per-length", type=int, default=None, help="calibration items per task and length")
     p.add_argument("--max-samples", type=int, default=None, help="profile samples per length")
@@ -97,26 +98,52 @@ def _step(title: str, argv: list[str], con) -> None:
     parser = argparse.ArgumentParser(prog=f"moa {argv[0]}")
     module.add_arguments(parser)
     rc = module.run(parser.parse_args(argv[1:]))
+    if rc == 130:          # the step printed what it kept; the demo says what a rerun does
+        raise KeyboardInterrupt
     if rc:
-        raise RuntimeError(f"`moa {' '.join(argv)}` failed with exit status {rc}")
+        raise MoaError(f"step {title} failed (exit status {rc}; its error is above): moa {' '.join(argv)}")
     con.print(f"[dim]{title}: {time.time() - t0:.0f}s[/]")
 
 
+def check_arguments(args) -> list[int] | None:
+    """Everything a typo can break, checked before torch loads."""
+    from moa_search.errors import check
+    from moa_search.rules import lengths_arg
+    from moa_search.models import check_model_dir
+
+    lengths = lengths_arg("--lengths", args.lengths) if args.lengths else None
+    check(0 < args.budget <= 1, f"--budget must be in (0, 1], got {args.budget:g}")
+    check(args.sink is None or args.sink >= 0, f"--sink must be >= 0, got {args.sink}")
+    for flag, value in (("--calib-per-length", args.calib_per_length), ("--max-samples", args.max_samples),
+                        ("--eval-per-length", args.eval_per_length)):
+        check(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
+    if args.model is not None:
+        check_model_dir(args.model)
+    out = Path(args.output)
+    check(not out.exists() or out.is_dir(), f"{out}: exists and is not a folder; pass another -o")
+    return lengths
+
+
 def run(args) -> int:
+    import copy
+    import logging
+    import os
+
+    lengths = check_arguments(args)
+    os.environ.setdefault("MPLBACKEND", "Agg")            # files only, never a window
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)   # no "generated new fontManager" on a fresh machine
+
     import torch
     from rich.console import Console
 
     from moa_search.plan import load_plan
-    from moa_search.rules import parse_lengths
 
     con = Console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    import copy
-
     name = args.preset or ("quick" if args.quick else ("gpu" if device.startswith("cuda") else "cpu"))
     preset = copy.deepcopy(PRESETS[name])
-    if args.lengths:
-        preset.lengths = parse_lengths(args.lengths)
+    if lengths:
+        preset.lengths = lengths
     if args.source:
         preset.source = args.source
     for name in ("calib_per_length", "max_samples", "eval_per_length", "retrieval_mode"):
@@ -191,14 +218,34 @@ def _label(config: str) -> str:
     return "MoA (searched plan)" if config.endswith("plan") else config
 
 
+SMALL = 20   # items per cell below which one item moves accuracy by 5 points or more
+
+
+def items_per_length(configs, lengths, cell) -> dict[int, int]:
+    """Items of each length (every config runs the same items; the smallest count if not)."""
+    return {n: min((cell[(c, n)]["n"] for c in configs if (c, n) in cell), default=0) for n in lengths}
+
+
+def caveat(counts: dict[int, int]) -> str:
+    """A warning when the cells are too small to tell configs apart ('' when they are not)."""
+    least = min(counts.values(), default=0)
+    if least >= SMALL:
+        return ""
+    return (f"only {least} item(s) per length: one item moves accuracy by {100 / max(least, 1):.0f} points, so "
+            "differences between configs are noise at this size (more items: --eval-per-length, or `moa demo` "
+            "without --quick)")
+
+
 def print_summary(summary: dict, plan, con) -> None:
     from rich.table import Table
 
     configs, lengths, cell = _cells(summary)
+    counts = items_per_length(configs, lengths, cell)
     t = Table(title="retrieval accuracy / answer perplexity (KV density)")
     t.add_column("config")
     for n in lengths:
-        t.add_column(f"{n}" + (" (2x)" if n == lengths[-1] and len(lengths) > 1 else ""), justify="right")
+        t.add_column(f"{n}" + (" (2x)" if n == lengths[-1] and len(lengths) > 1 else "") + f"\n{counts[n]} items",
+                     justify="right")
     for c in configs:
         row = []
         for n in lengths:
@@ -209,17 +256,20 @@ def print_summary(summary: dict, plan, con) -> None:
     a, b = plan.query_rules()
     con.print(f"MoA plan: {plan.distinct_rules()} distinct rules over {a.size} query heads, "
               f"{int((b == 0).sum())} local heads (beta = 0)")
+    if caveat(counts):
+        con.print(f"[yellow]note: {caveat(counts)}[/]")
 
 
 def summary_markdown(summary: dict, plan, preset: Preset, budget: float, model: str, seconds: float,
                      device: str) -> str:
     configs, lengths, cell = _cells(summary)
+    counts = items_per_length(configs, lengths, cell)
     lines = [f"# moa demo: dense vs MoA vs uniform at KV density {budget:g}", "",
              f"model `{model}`, profiled at {', '.join(map(str, preset.lengths))}; eval at "
              f"{', '.join(map(str, lengths))} ({preset.eval_per_length} items per task and length, retrieval "
              f"scored by {preset.retrieval_mode}); device {device}; {seconds:.0f}s", "",
              "Cells: retrieval accuracy / answer perplexity (KV density at that length).", "",
-             "| config | " + " | ".join(str(n) for n in lengths) + " |",
+             "| config | " + " | ".join(f"{n} ({counts[n]} items)" for n in lengths) + " |",
              "|---|" + "---:|" * len(lengths)]
     for c in configs:
         vals = []
@@ -231,6 +281,8 @@ def summary_markdown(summary: dict, plan, preset: Preset, budget: float, model: 
     lines += ["", f"MoA plan: {plan.distinct_rules()} distinct rules over {a.size} query heads, "
                   f"{int((b == 0).sum())} local heads (beta = 0); selection: "
                   f"{plan.provenance.get('selection', '')}", ""]
+    if caveat(counts):
+        lines += [f"Note: {caveat(counts)}.", ""]
     return "\n".join(lines)
 
 

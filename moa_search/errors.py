@@ -8,3 +8,10 @@ from __future__ import annotations
 
 class MoaError(ValueError):
     """Bad input: the message names the file, field or value and what was expected."""
+
+
+def check(ok: bool, message: str) -> None:
+    """A flag's value is out of range: say which flag, what it got and what it takes."""
+    if not ok:
+        raise MoaError(message)
+

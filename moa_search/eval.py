@@ -99,6 +99,8 @@ def read_items(path: str | Path) -> list[dict]:
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of items")
     for n, it in enumerate(items):
+        if not isinstance(it, dict):
+            raise ValueError(f"{path}: item {n} is a {type(it).__name__}, expected a JSON object")
         missing = [k for k in ("prompt", "reference", "length") if k not in it]
         if missing:
             raise ValueError(f"{path}: item {n} ({it.get('id', '?')}) lacks field(s) {missing}; eval items need "
@@ -376,7 +378,8 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
         t = Table(title=f"{title}{label}")
         t.add_column("config")
         for n in lengths:
-            t.add_column(str(n), justify="right")
+            items = min(cell[(c, n)]["n"] for c in configs if (c, n) in cell)
+            t.add_column(f"{n}\n{items} items", justify="right")
         for c in configs:
             vals = []
             for n in lengths:
@@ -388,6 +391,10 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
                 vals.append(fmt.format(r[metric]) + kv)
             t.add_row(c, *vals)
         con.print(t)
+    least = min((r["n"] for r in main), default=0)
+    if least < 20:   # one item is 5+ accuracy points: say so rather than let a reader compare noise
+        con.print(f"[yellow]note: {least} item(s) per cell; differences of one item ({100 / max(least, 1):.0f} "
+                  "accuracy points) are noise at this size (more: --per-length)[/]")
 
 
 def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
@@ -539,8 +546,23 @@ def run(args) -> int:
 
     try:
         metrics = parse_metrics(args.tasks)
-        lengths = parse_lengths(args.lengths)
+        try:
+            lengths = parse_lengths(args.lengths)
+        except ValueError as e:
+            raise ValueError(f"--lengths: {e}") from None
+        for flag, value in (("--per-length", args.per_length), ("--batch-size", args.batch_size),
+                            ("--depth-bins", args.depth_bins)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if args.sink < 0:
+            raise ValueError(f"--sink must be >= 0, got {args.sink}")
         configs = build_configs(args.dense, args.plan, args.uniform_density, args.sink)
+        if args.data is not None and not read_items(args.data):   # a broken file fails before the model loads
+            raise ValueError(f"{args.data}: no items (the file is empty)")
+        if args.model is not None:
+            from moa_search.models import check_model_dir
+
+            check_model_dir(args.model)
     except ValueError as e:
         print(f"moa eval: error: {e}", file=sys.stderr)
         return 2

@@ -86,7 +86,14 @@ class ModelShape:
             d = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise PlanError(f"{cfg}: not valid JSON ({e})") from None
-        return cls.from_config(d)
+        except UnicodeDecodeError:
+            raise PlanError(f"{cfg}: not a JSON config (binary content)") from None
+        if not isinstance(d, dict):
+            raise PlanError(f"{cfg}: expected a JSON object (a model config), got {type(d).__name__}")
+        try:
+            return cls.from_config(d)
+        except PlanError as e:
+            raise PlanError(f"{cfg}: {e}") from None
 
 
 _FINGERPRINT_KEYS = (
@@ -252,10 +259,14 @@ def load_plan(path: str | os.PathLike) -> Plan:
     path = Path(path)
     if not path.exists():
         raise PlanError(f"{path}: no such plan file")
+    if path.is_dir():
+        raise PlanError(f"{path}: is a folder, expected a plan JSON file (e.g. {path / 'plan.json'})")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"{path}: not a JSON plan file (binary content, not UTF-8 text)") from None
     return Plan.from_dict(d, source=str(path))
 
 

@@ -13,11 +13,13 @@ the functions here, so a plan means the same thing everywhere.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
+
+from .errors import MoaError
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ def span(alpha, beta, n, min_span: int = 1):
     alpha, beta, n: scalars, numpy arrays or tensors (broadcast). Returns integers of
     the same kind. The raw value floor(alpha + beta*n) is clamped to [min_span, n].
     """
-    if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor) or isinstance(n, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor argument means torch is loaded; plans alone never need it
+    if torch is not None and any(isinstance(x, torch.Tensor) for x in (alpha, beta, n)):
         alpha, beta, n = (torch.as_tensor(x, dtype=torch.float64) for x in (alpha, beta, n))
         raw = torch.floor(alpha + beta * n)
         return torch.minimum(torch.clamp(raw, min=min_span), n).to(torch.int64)
@@ -54,7 +57,7 @@ def raw_span(alpha, beta, n):
     return np.floor(np.asarray(alpha, dtype=np.float64) + np.asarray(beta, dtype=np.float64) * np.asarray(n, dtype=np.float64))
 
 
-def kept(q_pos: torch.Tensor, k_pos: torch.Tensor, sink, span) -> torch.Tensor:
+def kept(q_pos, k_pos, sink, span):
     """The kept set as a boolean mask (attention-gym style: broadcast over any shape).
 
     q_pos, k_pos: integer positions counted from the first real token of the sequence
@@ -64,8 +67,10 @@ def kept(q_pos: torch.Tensor, k_pos: torch.Tensor, sink, span) -> torch.Tensor:
     return (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < span))
 
 
-def kept_matrix(n: int, sink: int, span: int, device=None) -> torch.Tensor:
+def kept_matrix(n: int, sink: int, span: int, device=None):
     """[n, n] bool mask of one head's rule at length n (prefill: every row uses span(n))."""
+    import torch
+
     pos = torch.arange(n, device=device)
     return kept(pos[:, None], pos[None, :], sink, span)
 
@@ -110,14 +115,14 @@ def density(kind: str, sink, span, n):
 
 def check_density(value, name: str = "budget") -> float:
     """A density budget or target (either kind): a number in (0, 1]. Returns it as a float;
-    raises ValueError naming `name` otherwise. The one check of a budget's range: the search,
+    raises MoaError (a ValueError) naming `name` otherwise. The one check of a budget's range: the search,
     eval's uniform baselines and the benchmarks call it (plan files: schema.py)."""
     try:
         d = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a density in (0, 1], got {value!r}") from None
+        raise MoaError(f"{name} must be a density in (0, 1], got {value!r}") from None
     if not 0 < d <= 1:
-        raise ValueError(f"{name} must be a density in (0, 1], got {value!r}")
+        raise MoaError(f"{name} must be a density in (0, 1], got {value!r}")
     return d
 
 
@@ -130,7 +135,8 @@ def candidate_grid(
     """Candidate rules valid at every length (0 < floor(alpha + beta*N) <= N).
 
     Default grid scales MoA's (alpha in -2048..8192 step 1024, beta in {0, 1/8, ..., 1}
-    for 2k/4k/8k profiles) to the longest length L: alpha in -L/4..L step L/alpha_steps.
+    for 2k/4k/8k profiles) to the longest length L: alpha = k L / alpha_steps for k from
+    floor(-alpha_steps / 4) to alpha_steps (-L/4..L for the default 8; -L/3..L for 6).
     """
     lengths = sorted(int(n) for n in lengths)
     if not lengths or lengths[0] <= 0:
@@ -170,6 +176,14 @@ def parse_lengths(text: str) -> list[int]:
     if not out:
         raise ValueError(f"no lengths in {text!r}")
     return out
+
+
+def lengths_arg(flag: str, text: str) -> list[int]:
+    """--lengths style value -> [int], or a MoaError naming the flag."""
+    try:
+        return parse_lengths(text)
+    except ValueError as e:
+        raise MoaError(f"{flag}: {e}") from None
 
 
 def block_count(n, block_size: int):

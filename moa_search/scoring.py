@@ -8,7 +8,6 @@ import json
 import math
 from typing import Callable, Sequence
 
-from .apply import input_device
 from .milp import SearchError
 from .pareto import Point
 from .plan import Plan
@@ -67,7 +66,7 @@ def validation_scorer(model, dataset, backend: str = "auto", progress: bool = Fa
     """
     import torch
 
-    from .apply import apply_plan, remove_plan
+    from .apply import apply_plan, input_device, remove_plan
     from .losses import response_loss
 
     for col in ("input_ids", "response_start", "response_end"):

@@ -115,12 +115,18 @@ def search_plans(profiles: str | os.PathLike, budget: float, out_dir: str | os.P
 
 EPILOG = """\
 how it works:
-  For every profiled length N, head h and candidate rule r (span = clamp(alpha + beta N)),
-  the predicted loss is the profiled influence the rule drops. One rule per head is chosen
-  by a 0/1 program so the average density stays within --budget at every profiled and
-  --extend-lengths length. The Pareto front over the per-length losses is swept by the
-  epsilon-constraint method (--pareto-points solves), stored in OUTDIR/search.db: run the
-  same command again to resume a stopped search.
+  Candidates: every (alpha, beta) of the grid (--alpha-steps, --betas) whose span
+  floor(alpha + beta N) satisfies 0 < span <= N at every profiled length N; the others
+  are dropped. For every profiled length N, head h and candidate r, the predicted loss is
+  the profiled influence the rule drops. One rule per head is chosen by a 0/1 program so
+  the average density stays within --budget at every profiled and --extend-lengths length.
+  The Pareto front over the per-length losses is swept by the epsilon-constraint method
+  (--pareto-points solves): each solve minimises the loss at the longest profiled length
+  plus 1e-4 x the losses at the other lengths (each loss divided by its worst possible
+  value), some with the other lengths' losses bounded. Without --validation the chosen
+  plan is the Pareto plan of lowest predicted loss at the longest profiled length; with
+  --model and --validation, the one of lowest held-out loss. The solves are stored in
+  OUTDIR/search.db: run the same command again to resume a stopped search.
 
 outputs (in OUTDIR):
   plan.json            the chosen plan (load it with `moa generate --plan` or apply_plan)
@@ -167,7 +173,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=64, help="sink tokens every head keeps (default 64)")
     p.add_argument("--min-span", type=int, default=1, help="smallest window (default 1)")
     p.add_argument("--alpha-steps", type=int, default=8,
-                   help="candidate alphas: -L/4 .. L in steps of L/STEPS, L the longest profiled length (default 8)")
+                   help="candidate alphas k * L / STEPS for k = floor(-STEPS/4) .. STEPS, L the longest profiled "
+                        "length (default 8: -L/4 .. L in steps of L/8; e.g. 6 gives -L/3 .. L)")
     p.add_argument("--betas", default=None, metavar="LIST", help="candidate betas (default 0,1/8,...,1)")
     p.add_argument("--model", default=None, metavar="MODEL_DIR",
                    help="score each Pareto plan with this model on --validation (choose by held-out loss)")
@@ -184,7 +191,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def check_arguments(args) -> None:
+    """Out-of-range flags fail here, before any profile or model loads."""
+    def need(ok, message):
+        if not ok:
+            raise SearchError(message)
+
+    need(0 < args.budget <= 1, f"--budget must be in (0, 1], got {args.budget:g}")
+    need(args.lower is None or 0 <= args.lower < args.budget,
+         f"--lower must be in [0, --budget), got {args.lower} with --budget {args.budget:g}")
+    need(args.sink >= 0, f"--sink must be >= 0, got {args.sink}")
+    for flag, value in (("--min-span", args.min_span), ("--alpha-steps", args.alpha_steps),
+                        ("--pareto-points", args.pareto_points), ("--jobs", args.jobs),
+                        ("--max-rules-per-layer", args.max_rules_per_layer), ("--heatmap-length", args.heatmap_length)):
+        need(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
+    need(args.time_limit is None or args.time_limit > 0, f"--time-limit must be > 0 seconds, got {args.time_limit}")
+    need(args.mip_gap >= 0, f"--mip-gap must be >= 0, got {args.mip_gap}")
+    need(Path(args.profiles).exists(), f"{args.profiles}: no such profile folder (make one with `moa profile`)")
+    need(Path(args.profiles).is_dir(), f"{args.profiles}: a file; --profiles takes the folder `moa profile -o` wrote")
+
+
 def run(args) -> int:
+    check_arguments(args)
     if (args.model is None) != (args.validation is None):
         raise SearchError("give --model and --validation together (or neither: then the plan is chosen by "
                           "predicted loss)")
@@ -194,7 +222,14 @@ def run(args) -> int:
             betas = [float(b) for b in args.betas.split(",") if b.strip()]
         except ValueError:
             raise SearchError(f"--betas: expected numbers like 0,0.25,0.5, got {args.betas!r}") from None
-    extend = R.parse_lengths(args.extend_lengths) if args.extend_lengths else []
+    try:
+        extend = R.parse_lengths(args.extend_lengths) if args.extend_lengths else []
+    except ValueError as e:
+        raise SearchError(f"--extend-lengths: {e}") from None
+    if args.model is not None:
+        from moa_search.models import check_model_dir
+
+        check_model_dir(args.model)
     tables = load_tables(args.profiles, sink=args.sink, min_span=args.min_span, alpha_steps=args.alpha_steps,
                          betas=betas, progress=not args.quiet)
     score_fn, info = None, None
@@ -203,7 +238,11 @@ def run(args) -> int:
 
         from moa_search.models import load_model, parse_device_map
 
-        data = datasets.load_from_disk(args.validation)
+        try:
+            data = datasets.load_from_disk(args.validation)
+        except Exception as e:   # a missing or foreign folder: name it, not datasets' internals
+            raise SearchError(f"--validation {args.validation}: not a saved dataset (make one with "
+                              f"`moa calibrate`): {type(e).__name__}") from None
         # only the weights are needed (the data is already tokenized): no tokenizer required
         model, _ = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map), tokenizer=False)
         score_fn = validation_scorer(model, data, progress=not args.quiet)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from pathlib import Path
 
 from .files import atomic_write_text
@@ -116,17 +115,20 @@ def print_summary(res, problem: Problem, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    # piped output (a log, a CI job) would otherwise get rich's 80 columns and truncated numbers
-    con = console or (Console() if sys.stdout.isatty() else Console(width=160))
-    t = Table(title=f"Pareto plans ({problem.kind} density <= {problem.budget:g} at N={problem.budget_lengths})")
-    for col in (["plan", "point", "status"] + [f"loss@{_short(n)}" for n in problem.loss_lengths]
-                + [f"dens@{_short(n)}" for n in problem.budget_lengths] + ["score", ""]):
-        t.add_column(col, justify="right")
+    con = console or Console()
+    # narrow enough for 80 columns: per-length densities and solver details are in summary.csv
+    samples, items = res.plan.provenance.get("calibration_samples"), res.plan.validation.get("items")
+    caption = [f"predicted loss from {samples} profiled sample(s) per length"] if samples else []
+    caption += [f"score: held-out loss on {items} item(s)"] if items else []
+    t = Table(title=f"Pareto plans: {problem.kind} density <= {problem.budget:g} at every N in "
+                    f"{', '.join(map(_short, problem.budget_lengths))}", caption="; ".join(caption) or None)
+    for col in ["plan"] + [f"loss@{_short(n)}" for n in problem.loss_lengths] + ["max dens", "score"]:
+        t.add_column(col, justify="right", no_wrap=True)
     for i, (plan, p, s) in enumerate(res.pareto):
-        t.add_row(f"plan_{i:02d}", str(p.point), p.status, *[f"{v:.4g}" for v in p.losses],
-                  *[f"{v:.4f}" for v in p.densities], "-" if s is None else f"{s:.4f}",
-                  "[bold red]chosen[/]" if i == res.chosen else "")
+        name = f"plan_{i:02d}" + (" [bold red]*[/]" if i == res.chosen else "")
+        t.add_row(name, *[f"{v:.3g}" for v in p.losses], f"{max(p.densities):.3f}", "-" if s is None else f"{s:.4g}")
     con.print(t)
+    con.print(f"[bold red]*[/] chosen; each plan's solve status and densities per length: {res.out_dir / 'summary.csv'}")
     bad = [p for p in res.points if p.status != "optimal"]
     for p in sorted(bad, key=lambda p: p.point):
         what = {"time_limit": "stopped at the time limit (feasible, not proven optimal",

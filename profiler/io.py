@@ -3,7 +3,7 @@
     influence_{N}.safetensors
       tensor "influence": float64 [num_layers, num_query_heads, nb, nb], nb = ceil(N / block_size)
           I[l, h, bq, bk] = mean over calibration samples of the sum, over the causal (i, j)
-          of block (bq, bk), of |dS_ij| / (1 - A_ij)   (DESIGN.md section 4)
+          of block (bq, bk), of |dS_ij| / max(1 - A_ij, 1e-4)   (profiler/reference.py)
       metadata (str -> str): format, version, length, block_size, samples, model (JSON of
           ModelShape), calibration_hash, plus free-form extras
 

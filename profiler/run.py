@@ -7,11 +7,18 @@ import sys
 
 DESCRIPTION = """\
 Measure how much each attention entry matters to the model's own answers (MoA's
-influence profile, DESIGN.md section 4): one forward + backward per calibration sample
-with frozen weights and full (dense) causal attention, loss on the answer tokens only.
+influence profile): one forward + backward per calibration sample with frozen weights
+and full (dense) causal attention, loss on the answer tokens only. With A = softmax(S)
+a head's attention and dS = dL/dS the gradient of the loss with respect to its scores,
+dropping entry (i, j) and renormalising row i changes the loss by about
+|dS_ij| / max(1 - A_ij, 1e-4) (the guard keeps a near-certain entry finite).
 For each length N it writes DIR/influence_N.safetensors, float64 [layers, query heads,
-N/B, N/B]: the mean over samples of sum |dS_ij| / (1 - A_ij) over each B x B block, and
-DIR/influence_N.png (each head's influence by distance: local vs far-reaching heads).
+ceil(N/B), ceil(N/B)] (B = --block-size; the last block may be short): the mean over
+samples of that influence summed over each block, and DIR/influence_N.png (each head's
+influence by distance: local vs far-reaching heads).
+
+The calibration set must be one this model answered (its meta.json names the model's
+shape and fingerprint); --allow-other-model profiles another model's answers anyway.
 
 Samples: at length N the profiler uses the calibration items built for N (column
 `length`) whose token count lies in [min-fill * N, N]; others are skipped and counted.
@@ -52,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward (fits long lengths / big models; ~1.3x time)")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG per length")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="profile a calibration set that another model answered (its answers are not this model's own)")
 
 
 def load_for_profiling(path: str, device: str | None, dtype: str, device_map=None):
@@ -70,27 +79,78 @@ def load_for_profiling(path: str, device: str | None, dtype: str, device_map=Non
     return model
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each message (a test or a caller may have replaced it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def check_arguments(args) -> list[int]:
+    """The flags' values, checked before anything loads; returns the lengths."""
+    from moa_search.errors import MoaError
+    from moa_search.models import check_model_dir
+    from moa_search.rules import parse_lengths
+
+    try:
+        lengths = parse_lengths(args.lengths)
+    except ValueError as e:
+        raise MoaError(f"--lengths: {e}") from None
+    for flag, value in (("--block-size", args.block_size), ("--max-samples", args.max_samples),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None and value < 1:
+            raise MoaError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.min_fill <= 1:
+        raise MoaError(f"--min-fill must be in [0, 1], got {args.min_fill:g}")
+    check_model_dir(args.model)
+    return lengths
+
+
+def check_same_model(data, model) -> None:
+    """Refuse a calibration set whose answers another model wrote (meta.json records its fingerprint)."""
+    from moa_search.calibrate import CalibrationError, load_meta
+    from moa_search.plan import ModelShape
+
+    meta = load_meta(data)
+    made_by = meta.get("fingerprint")
+    if not made_by:   # a hand-made set: nothing to compare
+        return
+    shape = ModelShape.from_config(model.config)
+    if made_by != shape.fingerprint:
+        who = (meta.get("model") or {}).get("path") or "another model"
+        raise CalibrationError(f"{data}: answered by another model ({who}, fingerprint {made_by}; this model's is "
+                               f"{shape.fingerprint}); calibrate with this model, or pass --allow-other-model")
+
+
 def run(args) -> int:
     from moa_search.calibrate import load_calibration
+
+    lengths = check_arguments(args)
+    ds = load_calibration(args.data)   # a wrong folder fails before torch loads
+
     from moa_search import distributed
     from moa_search.profiler.profile import enable_activation_checkpointing, profile_influence
-    from moa_search.rules import parse_lengths
 
     started = distributed.init()
     rank, _ = distributed.info()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="moa profile: %(message)s",
-                        stream=sys.stderr)
+    log = logging.getLogger("moa_search.profiler")   # ours only: the root logger at INFO would show other
+    if not log.handlers:                              # libraries' notes (matplotlib's "generated new fontManager")
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("moa profile: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
-        try:
-            lengths = parse_lengths(args.lengths)
-        except ValueError as e:
-            from moa_search.plan import PlanError
-
-            raise PlanError(str(e)) from None
-        ds = load_calibration(args.data)
         from moa_search.models import parse_device_map
 
         model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map))
+        if not args.allow_other_model:
+            check_same_model(args.data, model)
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
         out = profile_influence(model, ds, lengths, args.output, block_size=args.block_size,
@@ -98,8 +158,7 @@ def run(args) -> int:
                                 checkpoint_every=args.checkpoint_every, min_fill=args.min_fill,
                                 restart=args.restart, plots=not args.no_plots)
         if rank == 0:
-            for n, path in out.items():
-                print(f"{n}\t{path}")
+            print(f"wrote {len(out)} profile(s) in {args.output}: " + ", ".join(p.name for p in out.values()))
     finally:
         distributed.close(started)
     return 0

@@ -1,6 +1,8 @@
 """The `moa` command line, run as a user would (in-process through cli.main, and once as a subprocess)."""
 import importlib.util
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -106,7 +108,80 @@ def test_generate_with_plan(capsys, model_dir, tmp_path):
 def test_every_subcommand_has_help():
     from moa_search.cli import COMMANDS
 
-    for name in COMMANDS:
-        r = subprocess.run([sys.executable, "-m", "moa_search.cli", name, "--help"], capture_output=True, text=True)
+    helps = {}
+    for name in [None, *COMMANDS, "bench decode"]:
+        argv = ([] if name is None else name.split()) + ["--help"]
+        r = subprocess.run([sys.executable, "-m", "moa_search.cli", *argv], capture_output=True, text=True,
+                           env=dict(os.environ, COLUMNS="80"))
         assert r.returncode == 0, (name, r.stderr)
-        assert "usage: moa " + name in r.stdout
+        assert "usage: moa " + (name or "") in r.stdout
+        helps[name] = r.stdout
+    # the help teaches: examples, no internals, nothing that is not in the repository
+    assert "moa calibrate --model" in helps[None] and "add_arguments" not in helps[None]
+    assert "examples:" in helps["bench"] and "add_arguments" not in helps["bench"]
+    assert "DESIGN.md" not in "".join(helps.values())
+    assert "|dS_ij| / max(1 - A_ij, 1e-4)" in helps["profile"] and "ceil(N/B)" in helps["profile"]
+    search = " ".join(helps["search"].split())
+    assert "0 < span <= N at every profiled length" in search and "floor(-STEPS/4)" in search
+    assert "plus 1e-4 x the losses at the other lengths" in search
+    assert all(len(line) <= 80 for line in helps[None].splitlines())
+
+
+def test_outputs_follow_the_umask(tmp_path, model_dir, capsys):
+    """Plans, profiles and calibration folders get the modes a plain open()/mkdir() would give."""
+    import datasets
+    import torch
+
+    from moa_search.calibrate import save_calibration
+    from moa_search.plan import ModelShape
+    from moa_search.profiler.io import Profile, save_profile
+
+    old = os.umask(0o022)
+    try:
+        code, _, _ = run(capsys, "plan", "uniform", "--model", model_dir, "--span-tokens", 8, "-o", tmp_path / "u.json")
+        assert code == 0 and stat.S_IMODE((tmp_path / "u.json").stat().st_mode) == 0o644
+        shape = ModelShape.from_pretrained(model_dir)
+        prof = save_profile(Profile(torch.zeros(2, 4, 1, 1, dtype=torch.float64), 16, 16, 1, shape), tmp_path / "p.safetensors")
+        assert stat.S_IMODE(prof.stat().st_mode) == 0o644
+        cal = save_calibration(datasets.Dataset.from_list([{"x": 1}]), tmp_path / "cal", {"k": 1})
+        assert stat.S_IMODE(cal.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(p.stat().st_mode) for p in cal.iterdir()} == {0o644}
+        os.umask(0o077)
+        code, _, _ = run(capsys, "plan", "uniform", "--model", model_dir, "--span-tokens", 8, "-o", tmp_path / "v.json")
+        assert stat.S_IMODE((tmp_path / "v.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(capsys, model_dir, tmp_path, monkeypatch):
+    import moa_search.calibrate as C
+    from moa_search import milp
+
+    from helpers import interrupt_on_call
+    from test_search import write_profiles
+
+    write_profiles(tmp_path / "prof")
+    search = ["search", "--profiles", tmp_path / "prof", "--budget", 0.45, "--sink", 4, "--alpha-steps", 4,
+              "--pareto-points", 4, "--jobs", 1, "--quiet", "-o", tmp_path / "s"]
+    interrupt_on_call(monkeypatch, milp, "solve", 2)
+    code, _, err = run(capsys, *search)
+    db = tmp_path / "s" / "search.db"
+    assert code == 130 and f"the finished Pareto points are kept in {db}; the same command resumes" in err
+
+    calibrate = ["calibrate", "--model", model_dir, "--source", "synthetic:passkey", "--lengths", 320,
+                 "--per-length", 2, "--max-new-tokens", 3, "--checkpoint-every", 1, "--device", "cpu"]
+    interrupt_on_call(monkeypatch, C, "_trim", 2)      # after the first answer was kept
+    code, _, err = run(capsys, *calibrate, "-o", tmp_path / "cal")
+    kept = C.answers_checkpoint(tmp_path / "cal")
+    assert code == 130, err
+    assert code == 130 and f"the answers so far are kept in {kept}; the same command answers only the rest" in err
+    interrupt_on_call(monkeypatch, C, "_trim", 1)      # before any answer was kept
+    code, _, err = run(capsys, *calibrate, "-o", tmp_path / "cal2")
+    assert code == 130 and "no answers were kept yet" in err and not C.answers_checkpoint(tmp_path / "cal2").exists()
+
+
+def test_openmp_waits_passively_unless_the_user_says(capsys, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["plan", "schema"]) == 0 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["plan", "schema"]) == 0 and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
