@@ -139,7 +139,7 @@ def cases(f):
         # eval
         (["eval", "--model", "gpt2", "--dense", "-o", o], "gpt2: no such model directory"),
         (["eval", "--model", demo, "--dense", "--lengths", "512,abc", "-o", o], "--lengths: cannot read length 'abc'"),
-        (["eval", "--model", demo, "--dense", "--uniform-density", "1.5", "-o", o], "--uniform-density must be in (0, 1], got 1.5"),
+        (["eval", "--model", demo, "--dense", "--uniform-density", "1.5", "-o", o], "--uniform-density must be a density in (0, 1], got 1.5"),
         (["eval", "--model", demo, "--plan", half, "-o", o], "half.json: not valid JSON"),
         (["eval", "--model", demo, "--dense", "--data", empty, "--lengths", "256", "-o", o], "empty.jsonl: no items"),
         (["eval", "--model", demo, "--dense", "--data", bad, "--lengths", "256", "-o", o], "bad.jsonl, line 2: not valid JSON"),
@@ -147,7 +147,7 @@ def cases(f):
         (["eval", "--model", demo, "--dense", "--data", str(d / "list.jsonl"), "-o", o], "list.jsonl: item 0 is a list"),
         # bench
         (["bench", "prefill", "--lengths", "512,abc"], "--lengths: cannot read length 'abc'"),
-        (["bench", "prefill", "--density", "1.5"], "--density values must be in (0, 1], got 1.5"),
+        (["bench", "prefill", "--density", "1.5"], "--density must be a density in (0, 1], got 1.5"),
         (["bench", "prefill", "--plan", str(d / "nope.json")], "nope.json: no such plan file"),
         (["bench", "decode", "--device", "cpu", "--model-shape", "tiny", "--density", "0.5", "--prompt-len", "64",
           "--new-tokens", "4", "--steps", "16"], "--new-tokens (4) must be at least --steps + 2 (18)"),
