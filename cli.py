@@ -10,6 +10,7 @@ The pipeline, one subcommand a step:
     moa eval        retrieval accuracy and perplexity: dense vs plans
     moa bench       kernel and decode speed against dense SDPA and FlexAttention
     moa demo        all of the above on the embedded model
+    moa convert-gguf  a GGUF model (llama.cpp's file) as a safetensors folder
 
 Each step's options live beside its code: the module named in COMMANDS provides
 `add_arguments(parser)` and `run(args) -> int`.
@@ -33,6 +34,7 @@ COMMANDS = {
     "eval": ("moa_search.eval", "retrieval accuracy and perplexity: dense vs plans", 7),
     "bench": ("moa_search.bench", "time kernels and decode against dense SDPA and FlexAttention", 5),
     "demo": ("moa_search.demo", "run the whole pipeline on the embedded model", 7),
+    "convert-gguf": ("moa_search.models", "write a GGUF model once as a safetensors checkpoint folder", 19),
 }
 
 
@@ -194,6 +196,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     add_device_map_argument(p)
+    from moa_search.models import add_gguf_argument
+
+    add_gguf_argument(p)
     p.set_defaults(run=run_generate)
 
 
@@ -210,7 +215,8 @@ def run_generate(args) -> int:
         print("moa generate: give --plan PLAN, or --dense for the dense model", file=sys.stderr)
         return 2
     prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
-    model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map))
+    model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map),
+                            gguf_file=args.gguf_file)
     if not args.dense:
         apply_plan(model, args.plan)
     enc = tok(prompt, return_tensors="pt").to(input_device(model))

@@ -717,6 +717,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "should be longer than any profiled length")
     p.add_argument("--device", default=None, help="device for validation (default: cuda if available)")
     add_device_map_argument(p)
+    from moa_search.models import add_gguf_argument
+
+    add_gguf_argument(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--heatmap-length", type=int, default=None,
                    help="length N of the span/N heatmap (default: the longest budget length)")
@@ -746,7 +749,8 @@ def run(args) -> int:
 
         data = datasets.load_from_disk(args.validation)
         # only the weights are needed (the data is already tokenized): no tokenizer required
-        model, _ = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map), tokenizer=False)
+        model, _ = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map), tokenizer=False,
+                              gguf_file=args.gguf_file)
         score_fn = validation_scorer(model, data, progress=not args.quiet)
         longest = max(tables.lengths)
         if min(score_fn.lengths) <= longest:

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from moa_search.models import add_device_map_argument
 
     add_device_map_argument(p)
+    from moa_search.models import add_gguf_argument
+
+    add_gguf_argument(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -54,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG per length")
 
 
-def load_for_profiling(path: str, device: str | None, dtype: str, device_map=None):
+def load_for_profiling(path: str, device: str | None, dtype: str, device_map=None, gguf_file=None):
     """The model in eval mode, weights frozen, on `device` (or placed by accelerate's device_map)."""
     import torch
 
@@ -65,7 +68,7 @@ def load_for_profiling(path: str, device: str | None, dtype: str, device_map=Non
         device = distributed.default_device()
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and not str(device).startswith("cpu") else "float32"
-    model, _ = load_model(path, device, dtype, device_map, tokenizer=False)  # refuses device + device_map
+    model, _ = load_model(path, device, dtype, device_map, tokenizer=False, gguf_file=gguf_file)  # refuses device + device_map
     model.requires_grad_(False)
     return model
 
@@ -90,7 +93,8 @@ def run(args) -> int:
         ds = load_calibration(args.data)
         from moa_search.models import parse_device_map
 
-        model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map))
+        model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map),
+                                   getattr(args, "gguf_file", None))
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
         settings = ProfileSettings(lengths=lengths, block_size=args.block_size, max_samples=args.max_samples,
