@@ -310,7 +310,9 @@ def build_items(tasks: list[str], lengths: list[int], per_length: int, seed: int
                     over = excess(item["prompt"], length)
                     if over <= 0:
                         break
-                    n -= over   # the same seed: the same facts, fewer filler lines
+                    # the same seed: the same facts, fewer filler lines. The builder fills whole lines
+                    # up to n, so aim below what this prompt counts, not just below n
+                    n = min(n, count_tokens(item["prompt"])) - over
                     item = make_item(task, random.Random(f"{seed}-{task}-{length}-{k}"), n, count_tokens, depth,
                                      **opts)
                 else:
@@ -323,14 +325,15 @@ def build_items(tasks: list[str], lengths: list[int], per_length: int, seed: int
 
 def is_correct(answer: str, reference: str) -> bool:
     """Exact-match scoring anywhere in the answer: the reference's words appear as whole words,
-    in order, separated only by spaces, commas, semicolons or "and" ("71432" matches " 71432."
-    but not "714321"; "QKZMT PLWRA JXNEB" matches "QKZMT, PLWRA and JXNEB", as a chat model
-    writes a list, but not "QKZMT JXNEB PLWRA" nor "QKZMT XYZAB PLWRA JXNEB")."""
+    in this order ("71432" matches " 71432." but not "714321"; "QKZMT PLWRA JXNEB" matches
+    "QKZMT, PLWRA and JXNEB" and the list a chat model writes, "1. VAR QKZMT = 12345\n2. VAR
+    PLWRA = QKZMT ...", but not "QKZMT JXNEB PLWRA"). As RULER's string match for multi-word
+    answers, a wrong name listed beside the right ones is not penalised."""
     words = reference.split()
     if not words:
         return False
-    sep = r"(?:[\s,;]|\band\b)+"
-    return re.search(r"(?<![\w])" + sep.join(map(re.escape, words)) + r"(?![\w])", answer) is not None
+    pattern = r"[\s\S]*?".join(r"(?<![\w])" + re.escape(w) + r"(?![\w])" for w in words)
+    return re.search(pattern, answer) is not None
 
 
 ANSWER_LABEL = "Answer:"

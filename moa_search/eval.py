@@ -215,7 +215,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), att.to(device)
 
 
-MAX_NEW_TOKENS = 32   # room for a chat model's sentence around the answer ("The pass key is 71432.")
+MAX_NEW_TOKENS = 48   # room for a chat model's sentences around the answer (a var_tracking list: ~40 tokens)
 
 
 @torch.no_grad()

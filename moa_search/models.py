@@ -96,9 +96,20 @@ def gguf_config(path, gguf_file: str | None = None):
         raise MoaError(f"{path}: not a GGUF file")
     require_gguf()
     try:
-        return AutoConfig.from_pretrained(str(folder), gguf_file=name, local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), gguf_file=name, local_files_only=True)
     except ValueError as e:   # transformers' message for an architecture it cannot read
         raise MoaError(f"{folder / name}: transformers cannot read this GGUF model ({e})") from None
+    _name_architecture(config)
+    return config
+
+
+def _name_architecture(config) -> None:
+    """A GGUF file names no model class; record the one AutoModelForCausalLM builds, as
+    config.json would, so a plan's model shape is the same for the file and its converted folder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
 
 
 def model_shape(path, gguf_file: str | None = None):
@@ -164,6 +175,8 @@ def load_model(path, device: str | None = None, dtype: str = "auto", device_map=
         device = device or distributed.default_device()   # cuda:LOCAL_RANK under torchrun
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
                                                      **extra).to(device).eval()
+    if gguf is not None:
+        model.config.architectures = [type(model).__name__]
     if not tokenizer:
         return model, None
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
