@@ -49,7 +49,7 @@ for b in 0.5 0.25; do
   for d in moa$b layer$b; do [ -f $W/$d/$d.json ] && CONF+=(--plan $W/$d/$d.json); done   # a failed search: left out
   CONF+=(--uniform-density $b)
 done
-timeout ${T_EVAL:-300} python3 -m moa_search.cli eval --model $W/model "${CONF[@]}" \
+timeout ${T_EVAL:-$(( ${BUDGET_S:-530} - SECONDS ))} python3 -m moa_search.cli eval --model $W/model "${CONF[@]}" \
   --lengths $L4 --per-length $N -o $W/eval 2>&1 | grep -v "it/s" | tee $OUT/eval.txt
 cp $W/eval/summary.json $OUT/eval_summary.json 2>/dev/null
 cp $W/eval/results.csv $OUT/eval_results.csv 2>/dev/null
