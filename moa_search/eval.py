@@ -17,6 +17,11 @@ items (prompt, reference, task, length, depth):
   ppl         response-masked loss: the reference's tokens are appended to the prompt
               and the mean next-token cross-entropy is taken over them only; perplexity
               = exp(mean loss over the items of a length).
+  doc_ppl     long-document perplexity on text every machine has: the Python standard
+              library's source (files in a seeded order, concatenated to N tokens); the loss
+              is taken on the second half of each document, where the context is N/2 to N
+              tokens long and a plan's narrow heads no longer see all of it.
+              --per-length documents per length (not in the default --tasks).
 
 Chat models. When the tokenizer has a chat template the prompt is the user turn and the
 answer cue (the prompt's last line, "Answer: The pass key is") opens the assistant turn
@@ -65,7 +70,8 @@ import torch.nn.functional as F
 
 from moa_search.apply import input_device
 
-METRICS = ("retrieval", "ppl")
+METRICS = ("retrieval", "ppl", "doc_ppl")
+DEFAULT_METRICS = ("retrieval", "ppl")
 
 
 # ----------------------------------------------------------------------------- items
@@ -168,6 +174,52 @@ def eval_items(tok, lengths: list[int], per_length: int | None, data: str | None
                 group = [group[i] for i in idx]
             out.extend(group)
     return out
+
+
+def stdlib_sources() -> list[Path]:
+    """The Python standard library's .py files (tests and site-packages left out), sorted."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
+
+
+def doc_items(tok, lengths: list[int], per_length: int, seed: int = 0) -> list[dict]:
+    """per_length documents of exactly N tokens per length: stdlib files in an order drawn from
+    (seed, N, k), concatenated (plain text, no special tokens). The tokens are fixed here
+    ("input_ids"), so every configuration scores the same ones."""
+    import random
+
+    files = stdlib_sources()
+    if not files:
+        raise ValueError("doc_ppl: no Python standard library source found (sysconfig's stdlib path)")
+    items = []
+    for n in lengths:
+        for k in range(per_length):
+            order = files[:]
+            random.Random(f"{seed}-doc-{n}-{k}").shuffle(order)
+            ids: list[int] = []
+            names = []
+            for f in order:
+                text = f.read_text(encoding="utf-8", errors="replace")[: 8 * n]   # ~2-4 chars a token
+                ids += tok(f"# {f.name}\n{text}\n", add_special_tokens=False)["input_ids"]
+                names.append(f.name)
+                if len(ids) >= n:
+                    break
+            items.append({"id": f"doc_ppl-{n}-{k}", "task": "doc_ppl", "length": int(n), "depth": float("nan"),
+                          "prompt": " + ".join(names), "reference": "", "input_ids": ids[:n]})
+    return items
+
+
+@torch.no_grad()
+def score_document(model, item: dict) -> dict:
+    """Mean next-token loss over the second half of one document's tokens."""
+    ids = torch.tensor([item["input_ids"]], device=input_device(model))
+    start = ids.shape[1] // 2
+    loss = response_loss(model, ids[0, start:], start, input_ids=ids)
+    return {"n_prompt": start, "n_answer": ids.shape[1] - start, "loss": float(loss), "correct": None,
+            "answer": ""}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -279,9 +331,15 @@ def evaluate_items(model, tok, items: list[dict], metrics=METRICS, batch_size: i
     the item's id/task/length/depth plus correct, loss, answer, n_prompt, n_answer."""
     from tqdm.auto import tqdm
 
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]))
     rows: list[dict | None] = [None] * len(items)
     bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False)
+    docs = [i for i, it in enumerate(items) if "input_ids" in it]   # doc_ppl items: fixed tokens
+    for i in docs:
+        it = items[i]
+        rows[i] = {"id": it["id"], "task": it["task"], "length": int(it["length"]), "depth": float("nan"),
+                   **score_document(model, it)}
+        bar.update(1)
+    order = sorted((i for i in range(len(items)) if "input_ids" not in items[i]), key=lambda i: len(items[i]["prompt"]))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         scored = score_batch(model, tok, [items[i] for i in idx], metrics, mode, chat, max_new_tokens)
@@ -429,7 +487,10 @@ def aggregate(rows: list[dict], bins: int = 5, floor: float = DENSE_FLOOR) -> li
     beyond = beyond_model(rows, floor)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        tasks = ("all", r["task"]) + (() if (int(r["length"]), r["task"]) in beyond else ("headline",))
+        if r["task"] == "doc_ppl":   # a perplexity of its own kind: not mixed into the answers' tables
+            tasks = ("doc_ppl",)
+        else:
+            tasks = ("all", r["task"]) + (() if (int(r["length"]), r["task"]) in beyond else ("headline",))
         for task in tasks:
             for d in ("all", depth_bin(r["depth"], bins)):
                 groups.setdefault((r["config"], r["length"], task, d), []).append(r)
@@ -485,8 +546,8 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
 
     con = console or Console()
     main = overall(table)
-    configs = list(dict.fromkeys(r["config"] for r in main))
-    lengths = sorted({r["length"] for r in main})
+    configs = list(dict.fromkeys(r["config"] for r in table))
+    lengths = sorted({r["length"] for r in table})
 
     def grid(label: str, rows: list[dict], metric: str, fmt: str, missing: str = "-") -> None:
         cell = {(r["config"], r["length"]): r for r in rows}
@@ -530,6 +591,9 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
                       f"({r['n']} items): the task is beyond the model at this length; it is left out of the headline")
     if "ppl" in metrics:
         grid("answer perplexity (response-masked)", main, "ppl", "{:.3f}")
+    if "doc_ppl" in metrics:
+        grid("long-document perplexity (Python stdlib source, loss on the second half)",
+             overall(table, "doc_ppl"), "ppl", "{:.3f}")
 
 
 def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
@@ -631,7 +695,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uniform-density", type=float, action="append", default=[], metavar="D",
                    help="evaluate the uniform StreamingLLM plan of KV density D at every length (repeatable)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of the uniform plans (default 64)")
-    p.add_argument("--tasks", default="retrieval,ppl", help="metrics: retrieval, ppl or both (default both)")
+    p.add_argument("--tasks", default="retrieval,ppl",
+                   help="metrics: retrieval, ppl, doc_ppl (comma list; default retrieval,ppl)")
     p.add_argument("--lengths", default="2048,4096,8192", help="comma-separated lengths (default 2048,4096,8192)")
     p.add_argument("--data", default=None, help="eval items: JSONL/JSON file or saved dataset "
                    "(default: the default eval recipe built at --lengths with the model's tokenizer)")
@@ -663,7 +728,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
 
 
-def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, metrics=METRICS, data=None,
+def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, metrics=DEFAULT_METRICS, data=None,
              per_length=None, mode="generate", batch_size=None, device=None, dtype=None, backend="auto",
              bins=5, seed=None, task_types=None, plots=True, console=None, title="", device_map=None,
              gguf_file=None, chat: bool | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
@@ -682,7 +747,11 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
 
     model, tok = load_model(str(model_dir), device, dtype, device_map, gguf_file=gguf_file)
     room = max_new_tokens if "retrieval" in metrics and mode == "generate" else 16   # forced/ppl: the reference
-    items = eval_items(tok, lengths, per_length, data, seed, task_types, chat, room)
+    items = eval_items(tok, lengths, per_length, data, seed, task_types, chat, room) \
+        if {"retrieval", "ppl"} & set(metrics) else []
+    qa = list(items)
+    if "doc_ppl" in metrics:
+        items += doc_items(tok, lengths, per_length or 2, seed or 0)
     warnings = [w for c in configs if c.plan is not None for w in sink_share_warnings(c.plan, c.name)]
     for w in warnings:
         print(f"moa eval: warning: {w}", file=sys.stderr)
@@ -695,7 +764,7 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
             "metrics": list(metrics), "retrieval_mode": mode, "items": len(items), "data": data or "default eval set",
             "chat_template": uses_chat(tok, chat), "max_new_tokens": max_new_tokens,
             "prompt_tokens_max": {str(n): max((len(_tokenize(tok, it["prompt"], it["reference"], chat)[0])
-                                               for it in items if int(it["length"]) == n), default=0)
+                                               for it in qa if int(it["length"]) == n), default=0)
                                   for n in lengths},
             "warnings": warnings, "device": device, "dtype": dtype, "seconds": round(time.time() - t0, 1)}
     write_outputs(out, rows, table, meta, metrics, plots)
