@@ -55,7 +55,7 @@ RECIPES = {
             # A GPU: profiled at 1k/2k/4k, eval at 1k..8k (its 8192 positions), generation
             "gpu": {"lengths": [1024, 2048, 4096], "calib_per_length": 4, "eval_per_length": 10},
             # 2 CPU cores: one 135M forward at 1k takes seconds, so few items and short lengths
-            "cpu": {"lengths": [512, 1024], "calib_per_length": 1, "max_samples": 3, "eval_per_length": 2,
+            "cpu": {"lengths": [512, 1024], "calib_per_length": 1, "max_samples": 3, "eval_per_length": 1,
                     "pareto_points": 4},
             "quick": {"lengths": [256, 512], "calib_per_length": 1, "max_samples": 2, "eval_per_length": 1,
                       "pareto_points": 2},
