@@ -51,7 +51,8 @@ Writes into -o DIR: results.csv (one row per config x length x task x depth bin,
 the densities), items.csv (every item's answer and loss), summary.json, and PNGs:
 accuracy_vs_length.png, ppl_vs_length.png, depth_heatmaps.png (depth x length per config).
 Uses apply_plan: Triton kernels on a GPU; on the CPU kernels/cpu_window.py (exactly the
-reference's kept set, but only the kept keys are gathered, so a plan costs its density).
+reference's kept set, only the kept keys gathered). On the CPU the time does not fall with
+the density (SmolLM2-135M at 4k: 28 s per item with a 0.5 plan, 34 s dense).
 """
 from __future__ import annotations
 
