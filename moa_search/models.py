@@ -130,7 +130,7 @@ def check_model_dir(path) -> Path:
         raise MoaError(f"{path}: not a directory (expected a checkpoint folder with config.json)")
     cfg = p / "config.json"
     if not cfg.is_file():
-        raise MoaError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+        raise MoaError(f"{path}: no config.json (expected a Hugging Face checkpoint folder, or a .gguf file)")
     try:
         obj = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
