@@ -13,6 +13,9 @@ The pipeline on your checkpoint M (a local folder), one command a step:
                 --uniform-density 0.5 -o eval
        moa generate --model M --plan search/plan.json --prompt "..."
 
+M may also be a GGUF file (llama.cpp's format, `pip install "moa-search[gguf]"`);
+`moa convert-gguf M.gguf -o DIR` writes it once as a safetensors folder.
+
 Plans and speed:
   moa plan inspect search/plan.json          densities per length and per layer
   moa plan uniform --model M --span-fraction 0.5 -o uniform.json
@@ -46,6 +49,7 @@ COMMANDS = {
     "eval": ("moa_search.eval", "retrieval accuracy and perplexity: dense vs plans", 7),
     "bench": ("moa_search.bench", "time kernels and decode against dense SDPA and FlexAttention", 5),
     "demo": ("moa_search.demo", "run the whole pipeline on the embedded model", 7),
+    "convert-gguf": ("moa_search.models", "write a GGUF model once as a safetensors checkpoint folder", 19),
 }
 
 
@@ -236,6 +240,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     add_device_map_argument(p)
+    from moa_search.models import add_gguf_argument
+
+    add_gguf_argument(p)
     p.set_defaults(run=run_generate)
 
 
@@ -264,7 +271,7 @@ def run_generate(args) -> int:
     from moa_search import apply_plan
     from moa_search.apply import input_device
 
-    model, tok = load_model(args.model, args.device, args.dtype, device_map)
+    model, tok = load_model(args.model, args.device, args.dtype, device_map, gguf_file=args.gguf_file)
     if plan is not None:
         apply_plan(model, plan)
     enc = tok(prompt, return_tensors="pt").to(input_device(model))

@@ -12,9 +12,12 @@ prompt and asks for it at the end, so the answer is short and checked by exact m
                    distractor chain, among filler); which variables hold 12345?
                                                                   reference: "QKZMT PLWRA JXNEB"
 
-Every prompt ends with a question line and an answer cue ("Answer: The pass key is"),
+Every prompt ends with a question line and an answer cue line ("Answer: The pass key is"),
 so even a small plain-text model answers on the next tokens; the reference is the exact
-continuation (after one space) the model should write.
+continuation (after one space) the model should write. Chat models get the cue where they
+would write it: `split_answer_cue` separates the last "Answer: ..." line, the user turn holds
+the rest and the assistant turn starts with the cue ("The pass key is"), see
+moa_search.calibrate.prompt_ids.
 
 Length. `make_item(..., n_tokens, count_tokens)` builds a prompt of at most `n_tokens`
 tokens (short of it by less than one line) as counted by `count_tokens(str) -> int`
@@ -280,11 +283,16 @@ def depths_for(per_length: int) -> list[float]:
 
 
 def build_items(tasks: list[str], lengths: list[int], per_length: int, seed: int,
-                count_tokens: CountTokens = approx_count_tokens, task_options: dict | None = None) -> list[dict]:
+                count_tokens: CountTokens = approx_count_tokens, task_options: dict | None = None,
+                excess: Callable[[str, int], int] | None = None) -> list[dict]:
     """per_length items for every (task, length), depths spread evenly over [0, 1].
 
     Each item: {"id": f"{task}-{length}-{k}", "task", "length" (target), "depth", "prompt",
     "reference"}. Item k of (task, length) is seeded from (seed, task, length, k) alone.
+
+    excess(prompt, length): how many tokens the prompt as the model will see it (chat template,
+    answer room) is over `length` (<= 0: it fits). Given, each item is rebuilt shorter by that
+    much until it fits, so a prompt never exceeds its length whatever the template adds.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -295,20 +303,51 @@ def build_items(tasks: list[str], lengths: list[int], per_length: int, seed: int
     for task in tasks:
         for length in lengths:
             for k, depth in enumerate(depths_for(per_length)):
-                rng = random.Random(f"{seed}-{task}-{length}-{k}")
-                item = make_item(task, rng, length, count_tokens, depth, **(task_options or {}).get(task, {}))
+                opts = (task_options or {}).get(task, {})
+                n = length
+                item = make_item(task, random.Random(f"{seed}-{task}-{length}-{k}"), n, count_tokens, depth, **opts)
+                for _ in range(8 if excess else 0):
+                    over = excess(item["prompt"], length)
+                    if over <= 0:
+                        break
+                    # the same seed: the same facts, fewer filler lines. The builder fills whole lines
+                    # up to n, so aim below what this prompt counts, not just below n
+                    n = min(n, count_tokens(item["prompt"])) - over
+                    item = make_item(task, random.Random(f"{seed}-{task}-{length}-{k}"), n, count_tokens, depth,
+                                     **opts)
+                else:
+                    if excess and excess(item["prompt"], length) > 0:
+                        raise ValueError(f"{task}-{length}-{k}: could not fit the prompt within {length} tokens")
                 items.append({"id": f"{task}-{length}-{k}", "task": task, "length": int(length),
                               "depth": item["depth"], "prompt": item["prompt"], "reference": item["reference"]})
     return items
 
 
 def is_correct(answer: str, reference: str) -> bool:
-    """Exact-match scoring: the reference appears in the answer as whole tokens
-    ("71432" matches " 71432." but not "714321")."""
-    ref = reference.strip()
-    if not ref:
+    """Exact-match scoring anywhere in the answer: the reference's words appear as whole words,
+    in this order ("71432" matches " 71432." but not "714321"; "QKZMT PLWRA JXNEB" matches
+    "QKZMT, PLWRA and JXNEB" and the list a chat model writes, "1. VAR QKZMT = 12345\n2. VAR
+    PLWRA = QKZMT ...", but not "QKZMT JXNEB PLWRA"). As RULER's string match for multi-word
+    answers, a wrong name listed beside the right ones is not penalised."""
+    words = reference.split()
+    if not words:
         return False
-    return re.search(r"(?<![\w])" + re.escape(ref) + r"(?![\w])", answer) is not None
+    pattern = r"[\s\S]*?".join(r"(?<![\w])" + re.escape(w) + r"(?![\w])" for w in words)
+    return re.search(pattern, answer) is not None
 
 
-__all__ = ["TASKS", "WORDS", "FILLER", "approx_count_tokens", "make_item", "build_items", "depths_for", "is_correct"]
+ANSWER_LABEL = "Answer:"
+
+
+def split_answer_cue(prompt: str) -> tuple[str, str | None]:
+    """(the prompt without its answer cue line, the cue) when the last line is "Answer: <cue>"
+    (the builders' convention), else (prompt, None). "...?\nAnswer: The pass key is" ->
+    ("...?\n", "The pass key is")."""
+    head, sep, last = prompt.rpartition("\n")
+    if last.startswith(ANSWER_LABEL) and last[len(ANSWER_LABEL):].strip():
+        return head + sep, last[len(ANSWER_LABEL):].strip()
+    return prompt, None
+
+
+__all__ = ["TASKS", "WORDS", "FILLER", "approx_count_tokens", "make_item", "build_items", "depths_for", "is_correct",
+           "split_answer_cue"]

@@ -58,15 +58,42 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids the model sees for a prompt: the chat template's user turn + generation
-    prompt when the tokenizer has a template, else the plain text (with the tokenizer's
-    usual special tokens, e.g. BOS)."""
-    if has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+def uses_chat(tokenizer, chat: bool | None = None) -> bool:
+    """Whether prompts go through the chat template: chat=None means when the tokenizer has
+    one; chat=False (--no-chat-template) never."""
+    return has_chat_template(tokenizer) if chat is None else bool(chat) and has_chat_template(tokenizer)
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool | None = None) -> list[int]:
+    """Token ids the model sees for a prompt, ending where its answer starts.
+
+    Chat template (see uses_chat): the prompt's last "Answer: <cue>" line
+    (tasks.split_answer_cue) leaves the user turn and starts the assistant turn, after the
+    template's generation prompt, so a chat model answers on the next tokens as it would
+    write them (with the cue inside the user turn it restarts its reply and needs ~20 tokens
+    before the answer). Plain text: the prompt as it is, with the tokenizer's usual special
+    tokens (e.g. BOS)."""
+    from moa_search.calibration_data.tasks import split_answer_cue
+
+    if uses_chat(tokenizer, chat):
+        body, cue = split_answer_cue(prompt)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": body.rstrip("\n") or body}],
+                                             tokenize=False, add_generation_prompt=True)
+        ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+        if cue:
+            ids += tokenizer(cue, add_special_tokens=False).input_ids
+        return ids
     return list(tokenizer(prompt).input_ids)
+
+
+def answer_follows(prompt: str, tokenizer, chat: bool | None = None) -> str:
+    """The text the answer comes straight after: the cue (chat with a cue), "" (chat without
+    one: the answer opens the assistant turn) or the prompt (plain text)."""
+    from moa_search.calibration_data.tasks import split_answer_cue
+
+    if uses_chat(tokenizer, chat):
+        return split_answer_cue(prompt)[1] or ""
+    return prompt
 
 
 def text_counter(tokenizer):
@@ -74,9 +101,9 @@ def text_counter(tokenizer):
     return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def prompt_budget(tokenizer, max_new_tokens: int):
+def prompt_budget(tokenizer, max_new_tokens: int, chat: bool | None = None):
     """budget(L): tokens the prompt text may take so that template + prompt + answer fit L."""
-    overhead = len(prompt_ids(tokenizer, ""))
+    overhead = len(prompt_ids(tokenizer, "", chat))
     return lambda length: int(length) - overhead - int(max_new_tokens)
 
 
@@ -172,71 +199,59 @@ def _save_answers(path, key: str, answers: dict[int, list[int]]) -> None:
     atomic_write_text(path, json.dumps({"key": key, "answers": {str(i): t for i, t in sorted(answers.items())}}))
 
 
-def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 24, batch_size: int = 1,
-                     progress: bool = True, stop_at_newline: bool | None = None, max_positions: int | None = None,
-                     checkpoint=None, checkpoint_every: int = 4, run_tag: str = ""):
-    """The model's greedy answers to items -> a calibration `datasets.Dataset` (see module doc).
-
-    items: dicts with "prompt" and optionally "id", "task", "length", "depth", "reference".
-    Batched longest-first with left padding. stop_at_newline: default True for tokenizers
-    without a chat template. max_positions: refuse prompts + max_new_tokens beyond it
-    (default: model.config.max_position_embeddings). Items with an empty answer are dropped.
-
-    Under torchrun the batches are dealt out to the ranks (the same batches as in one
-    process, so the answers are the same) and every rank gets all answers back.
-    checkpoint: a JSON file that keeps the answers so far, written by rank 0 after every
-    `checkpoint_every` batches per rank; a rerun with the same prompts, settings and
-    run_tag (e.g. the model's path and dtype) answers only what is missing.
-    """
-    import datasets
-    import torch
-    from tqdm.auto import tqdm
-
-    from moa_search.apply import input_device
-
-    if not items:
-        raise CalibrationError("no calibration items to answer")
-    if stop_at_newline is None:
-        stop_at_newline = not has_chat_template(tokenizer)
-    max_positions = max_positions or getattr(model.config, "max_position_embeddings", None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise CalibrationError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-    eos = _eos_ids(model, tokenizer) | {pad_id}  # rows that finished early are filled with pad_id
-
+def _encode_prompts(tokenizer, items: list[dict], max_new_tokens: int, max_positions: int | None,
+                    chat: bool | None) -> list[list[int]]:
+    """Every item's prompt ids (prompt_ids), refusing empty prompts and prompts that leave no
+    room for the answer within the model's positions."""
     prompts = []
     for n, it in enumerate(items):
         if not isinstance(it.get("prompt"), str) or not it["prompt"].strip():
             raise CalibrationError(f"item {it.get('id', n)}: empty prompt")
-        ids = prompt_ids(tokenizer, it["prompt"])
+        ids = prompt_ids(tokenizer, it["prompt"], chat)
         if max_positions and len(ids) + max_new_tokens > max_positions:
             raise CalibrationError(
                 f"item {it.get('id', n)}: {len(ids)} prompt tokens + {max_new_tokens} answer tokens exceed the "
                 f"model's maximum of {max_positions} positions (max_position_embeddings); use shorter --lengths")
         prompts.append(ids)
+    return prompts
 
-    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+
+def _greedy_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+                  stop_at_newline: bool) -> list[list[int]]:
+    """Greedy continuations of one left-padded batch (untrimmed: EOS/padding still in)."""
+    import torch
+
+    enc = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+    enc = {k: v.to(input_device(model)) for k, v in enc.items()}
+    stop = [_newline_stop(tokenizer, enc["input_ids"].shape[1])] if stop_at_newline else []
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, pad_token_id=pad_id, stopping_criteria=stop)
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+def _answer_all(model, tokenizer, prompts, batch_size, max_new_tokens, pad_id, eos, stop_at_newline, progress,
+                checkpoint, checkpoint_every, key) -> dict[int, list[int]]:
+    """{item index: trimmed answer tokens}, longest prompts first (similar lengths share a batch);
+    under torchrun the batches are dealt out to the ranks and gathered; kept in `checkpoint`."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[b: b + batch_size] for b in range(0, len(order), batch_size)]
     rank, world = distributed.info()
-    key = _answers_key(prompts, max_new_tokens, batch_size, stop_at_newline, run_tag)
     answers = _load_answers(checkpoint, key)
     todo = [idx for idx in batches if not all(i in answers for i in idx)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        bar = tqdm(total=len(items), initial=len(items) - sum(map(len, todo)), desc="answering", unit="item",
+        bar = tqdm(total=len(prompts), initial=len(prompts) - sum(map(len, todo)), desc="answering", unit="item",
                    disable=not progress or rank != 0)
         chunk = max(1, checkpoint_every) * world
         for c in range(0, len(todo), chunk):
             mine = {}
             for idx in todo[c + rank: c + chunk: world]:
-                enc = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
-                enc = {k: v.to(input_device(model)) for k, v in enc.items()}
-                stop = [_newline_stop(tokenizer, enc["input_ids"].shape[1])] if stop_at_newline else []
-                with torch.no_grad():
-                    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                         top_p=None, top_k=None, pad_token_id=pad_id, stopping_criteria=stop)
-                new = out[:, enc["input_ids"].shape[1]:].tolist()
+                new = _greedy_batch(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, pad_id,
+                                    stop_at_newline)
                 for i, toks in zip(idx, new):
                     mine[i] = _trim(toks, tokenizer, eos, stop_at_newline)
                 if world == 1:
@@ -250,7 +265,11 @@ def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 
         bar.close()
     finally:
         tokenizer.padding_side = side
+    return answers
 
+
+def _rows(items: list[dict], prompts: list[list[int]], answers: dict[int, list[int]], tokenizer):
+    """Dataset rows (module doc's columns) and the ids of the items whose answer was empty."""
     rows, dropped = [], []
     for n, it in enumerate(items):
         ans = answers[n]
@@ -266,7 +285,44 @@ def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 
             "answer": tokenizer.decode(ans, skip_special_tokens=True),
             "input_ids": ids, "response_start": len(prompts[n]), "response_end": len(ids), "n_tokens": len(ids),
         })
-    if dropped and rank == 0:
+    return rows, dropped
+
+
+def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 24, batch_size: int = 1,
+                     progress: bool = True, stop_at_newline: bool | None = None, max_positions: int | None = None,
+                     checkpoint=None, checkpoint_every: int = 4, run_tag: str = "", chat: bool | None = None):
+    """The model's greedy answers to items -> a calibration `datasets.Dataset` (see module doc).
+
+    items: dicts with "prompt" and optionally "id", "task", "length", "depth", "reference".
+    Batched longest-first with left padding. stop_at_newline: default True when prompts are
+    plain text (no chat template, or chat=False). max_positions: refuse prompts + max_new_tokens
+    beyond it (default: model.config.max_position_embeddings). Items with an empty answer are
+    dropped. chat: see uses_chat / prompt_ids (the answer cue opens the assistant turn).
+
+    Under torchrun the batches are dealt out to the ranks (the same batches as in one
+    process, so the answers are the same) and every rank gets all answers back.
+    checkpoint: a JSON file that keeps the answers so far, written by rank 0 after every
+    `checkpoint_every` batches per rank; a rerun with the same prompts, settings and
+    run_tag (e.g. the model's path and dtype) answers only what is missing.
+    """
+    import datasets
+
+    if not items:
+        raise CalibrationError("no calibration items to answer")
+    if stop_at_newline is None:
+        stop_at_newline = not uses_chat(tokenizer, chat)
+    max_positions = max_positions or getattr(model.config, "max_position_embeddings", None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise CalibrationError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    eos = _eos_ids(model, tokenizer) | {pad_id}  # rows that finished early are filled with pad_id
+
+    prompts = _encode_prompts(tokenizer, items, max_new_tokens, max_positions, chat)
+    key = _answers_key(prompts, max_new_tokens, batch_size, stop_at_newline, run_tag)
+    answers = _answer_all(model, tokenizer, prompts, batch_size, max_new_tokens, pad_id, eos, stop_at_newline,
+                          progress, checkpoint, checkpoint_every, key)
+    rows, dropped = _rows(items, prompts, answers, tokenizer)
+    if dropped and distributed.info()[0] == 0:
         print(f"moa calibrate: dropped {len(dropped)} item(s) whose answer was empty: {', '.join(dropped[:10])}"
               + (" ..." if len(dropped) > 10 else ""), file=sys.stderr)
     if not rows:
@@ -364,10 +420,12 @@ def save_calibration(ds, out, meta: dict, overwrite: bool = False) -> Path:
 
 def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | None = None,
               per_length: int | None = None, seed: int = 0, max_new_tokens: int = 24, batch_size: int = 1,
-              progress: bool = True, model_name: str = "", checkpoint=None, checkpoint_every: int = 4):
+              progress: bool = True, model_name: str = "", checkpoint=None, checkpoint_every: int = 4,
+              chat: bool | None = None):
     """Build prompts from `source`, answer them with the model -> (dataset, meta dict).
 
-    checkpoint: file keeping the answers of an unfinished run (see generate_answers)."""
+    checkpoint: file keeping the answers of an unfinished run (see generate_answers).
+    chat: None uses the tokenizer's chat template when it has one, False never (prompt_ids)."""
     from moa_search.calibration_data import sources, tasks
     from moa_search.plan import ModelShape, provenance
 
@@ -375,7 +433,7 @@ def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | No
     if lengths and max_pos and max(lengths) > max_pos:
         raise CalibrationError(f"length {max(lengths)} is above the model's maximum of {max_pos} positions "
                                "(max_position_embeddings)")
-    budget = prompt_budget(tokenizer, max_new_tokens)
+    budget = prompt_budget(tokenizer, max_new_tokens, chat)
     try:
         prep = sources.prepare(source, lengths, text_counter(tokenizer), budget, per_length=per_length, seed=seed,
                                truncate_middle=middle_truncator(tokenizer))
@@ -387,7 +445,8 @@ def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | No
             print(f"moa calibrate: skipped {n} record(s): {reason}", file=sys.stderr)
     ds = generate_answers(model, tokenizer, prep.items, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           progress=progress, max_positions=max_pos, checkpoint=checkpoint,
-                          checkpoint_every=checkpoint_every, run_tag=f"{model_name}|{model.dtype}")
+                          checkpoint_every=checkpoint_every, run_tag=f"{model_name}|{model.dtype}|chat={chat}",
+                          chat=chat)
     over = [i for i, n, L in zip(ds["id"], ds["n_tokens"], ds["length"]) if n > L]
     if over and first:  # e.g. raw items from a file whose `length` counted the prompt alone
         print(f"moa calibrate: warning: {len(over)} item(s) are longer than their target length "
@@ -408,7 +467,7 @@ def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | No
         "fingerprint": shape.fingerprint,
         "lengths": sorted({int(n) for n in ds["length"]}),
         "seeds": prep.seeds, "source": prep.description, "items": len(ds), "by_length": by_length,
-        "skipped": prep.skipped, "over_length": len(over), "chat_template": has_chat_template(tokenizer),
+        "skipped": prep.skipped, "over_length": len(over), "chat_template": uses_chat(tokenizer, chat),
         "max_new_tokens": max_new_tokens,
         "calibration_hash": calibration_hash(ds),
         **provenance(),
@@ -420,7 +479,7 @@ def add_arguments(p) -> None:
     import argparse
 
     from moa_search.calibration_data import sources
-    from moa_search.models import add_device_map_argument
+    from moa_search.models import add_device_map_argument, add_gguf_argument
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
@@ -439,7 +498,9 @@ def add_arguments(p) -> None:
         + sources.__doc__)
     p.epilog = ("Output: DIR (datasets.load_from_disk; columns id, task, length, depth, prompt, reference, "
                 "answer, input_ids, response_start, response_end, n_tokens) and DIR/meta.json.")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="Hugging Face checkpoint directory or a .gguf file")
+    add_gguf_argument(p)
     p.add_argument("--source", default="default",
                    help="'default' (the default), 'synthetic:kv_retrieval,passkey,var_tracking', or a "
                         "json/jsonl/parquet file, folder, or saved dataset (schema above)")
@@ -450,6 +511,9 @@ def add_arguments(p) -> None:
                    help="synthetic items per task and length, at evenly spread depths (default 4)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the synthetic: builders (default 0; the default set keeps its recorded seed)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="give the model plain-text prompts even when its tokenizer has a chat template "
+                        "(default: the template, with the answer cue opening the assistant turn)")
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="longest answer (default 24); prompts leave this much room within each length")
     p.add_argument("--batch-size", type=int, default=1, help="prompts answered together (default 1)")
@@ -480,31 +544,45 @@ def run(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CalibrationError(f"{out}: exists and is not empty; pass --overwrite or another -o")
     from moa_search.calibration_data import sources
-    from moa_search.models import check_model_dir
+    from moa_search.models import check_model
 
-    check_model_dir(args.model)          # before torch loads: a wrong folder or source fails in a second
+    check_model(args.model, getattr(args, "gguf_file", None))   # before torch loads: a wrong folder or source fails in a second
     sources.check_source(args.source)
     ckpt = answers_checkpoint(out)
     if args.restart:
         ckpt.unlink(missing_ok=True)
     started = distributed.init()
     try:
-        model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map))
+        model, tok = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map),
+                                gguf_file=args.gguf_file)
         ds, meta = calibrate(model, tok, args.source, lengths, args.per_length, args.seed, args.max_new_tokens,
                              args.batch_size, model_name=str(args.model), checkpoint=ckpt,
-                             checkpoint_every=args.checkpoint_every)
+                             checkpoint_every=args.checkpoint_every, chat=False if args.no_chat_template else None)
         meta["world_size"] = distributed.info()[1]
         if distributed.info()[0] == 0:
             save_calibration(ds, out, meta, overwrite=args.overwrite)
             ckpt.unlink(missing_ok=True)
             print(f"wrote {out}: {len(ds)} items, hash {meta['calibration_hash']}")
-            for length, d in meta["by_length"].items():
-                acc = f", model answers match the reference on {d['correct']}/{d['scored']}" if d["scored"] else ""
-                print(f"  length {length}: {d['items']} items, {d['min_tokens']}-{d['max_tokens']} tokens{acc}")
+            print(answers_report(meta))
         distributed.barrier()
     finally:
         distributed.close(started)
     return 0
+
+
+def answers_report(meta: dict) -> str:
+    """Per length: items, token range, and how many of the model's own answers match the
+    reference. MoA profiles on those answers, right or wrong (DESIGN.md section 4: the loss
+    on what the model itself would write), so a low count is not an error; it says how far
+    the model reaches at that length."""
+    lines = []
+    for length, d in meta["by_length"].items():
+        acc = f", the model's answer matches the reference on {d['correct']}/{d['scored']}" if d["scored"] else ""
+        lines.append(f"  length {length}: {d['items']} items, {d['min_tokens']}-{d['max_tokens']} tokens{acc}")
+    if any(d["scored"] for d in meta["by_length"].values()):
+        lines.append("  (the profile is taken on the model's own answers, right or wrong; "
+                     f"prompts {'through the chat template' if meta.get('chat_template') else 'as plain text'})")
+    return "\n".join(lines)
 
 
 def answers_checkpoint(out) -> Path:

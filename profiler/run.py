@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from moa_search.models import add_device_map_argument
 
     add_device_map_argument(p)
+    from moa_search.models import add_gguf_argument
+
+    add_gguf_argument(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -63,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile a calibration set that another model answered (its answers are not this model's own)")
 
 
-def load_for_profiling(path: str, device: str | None, dtype: str, device_map=None):
+def load_for_profiling(path: str, device: str | None, dtype: str, device_map=None, gguf_file=None):
     """The model in eval mode, weights frozen, on `device` (or placed by accelerate's device_map)."""
     import torch
 
@@ -74,7 +77,7 @@ def load_for_profiling(path: str, device: str | None, dtype: str, device_map=Non
         device = distributed.default_device()
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and not str(device).startswith("cpu") else "float32"
-    model, _ = load_model(path, device, dtype, device_map, tokenizer=False)  # refuses device + device_map
+    model, _ = load_model(path, device, dtype, device_map, tokenizer=False, gguf_file=gguf_file)  # refuses device + device_map
     model.requires_grad_(False)
     return model
 
@@ -94,7 +97,7 @@ class _StderrHandler(logging.StreamHandler):
 def check_arguments(args) -> list[int]:
     """The flags' values, checked before anything loads; returns the lengths."""
     from moa_search.errors import MoaError
-    from moa_search.models import check_model_dir
+    from moa_search.models import check_model
     from moa_search.rules import parse_lengths
 
     try:
@@ -107,7 +110,7 @@ def check_arguments(args) -> list[int]:
             raise MoaError(f"{flag} must be >= 1, got {value}")
     if not 0 <= args.min_fill <= 1:
         raise MoaError(f"--min-fill must be in [0, 1], got {args.min_fill:g}")
-    check_model_dir(args.model)
+    check_model(args.model, getattr(args, "gguf_file", None))
     return lengths
 
 
@@ -148,7 +151,8 @@ def run(args) -> int:
     try:
         from moa_search.models import parse_device_map
 
-        model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map))
+        model = load_for_profiling(args.model, args.device, args.dtype, parse_device_map(args.device_map),
+                                   getattr(args, "gguf_file", None))
         if not args.allow_other_model:
             check_same_model(args.data, model)
         if args.gradient_checkpointing:

@@ -229,8 +229,15 @@ def test_chat_template_applied(tiny):
     row = generate_answers(model, tok, items, max_new_tokens=4, progress=False)[0]
     s = row["response_start"]
     prompt_text = tok.decode(row["input_ids"][:s])
-    assert prompt_text.startswith("[user] There is a pass key") and prompt_text.endswith("[/user][bot]")
+    # the question stays in the user turn; the answer cue opens the assistant turn, where the
+    # model writes its answer (and where the profile takes its loss)
+    assert prompt_text.startswith("[user] There is a pass key")
+    assert prompt_text.endswith("Question: What is the pass key? [/user][bot]The pass key is")
+    assert "Answer:" not in prompt_text
     assert tok.decode(row["input_ids"][s:]) == row["answer"]
+    # --no-chat-template: the prompt exactly as written, cue line included
+    plain = generate_answers(model, tok, items, max_new_tokens=4, progress=False, chat=False)[0]
+    assert plain["input_ids"][:plain["response_start"]] == tok(items[0]["prompt"]).input_ids
 
 
 def test_cli_calibrate_end_to_end(tiny, tmp_path, capsys):

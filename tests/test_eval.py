@@ -101,16 +101,20 @@ def test_generate_mode_matches_manual_greedy_loop(model, tok):
     rows = E.score_batch(model, tok, items, metrics=("retrieval",), mode="generate")
     for it, row in zip(items, rows):
         ids = tok(it["prompt"], return_tensors="pt")["input_ids"]
-        n_new = len(tok(" " + it["reference"], add_special_tokens=False)["input_ids"]) + 4
         out = []
         with torch.no_grad():
-            for _ in range(n_new):            # no cache, no padding: the plain definition of greedy
+            for _ in range(E.MAX_NEW_TOKENS):  # no cache, no padding: the plain definition of greedy
                 nxt = int(model(input_ids=ids).logits[0, -1].argmax())
                 if nxt == tok.eos_token_id:
                     break
                 out.append(nxt)
                 ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
         want = tok.decode(out, skip_special_tokens=True)
+        # a plain-text prompt's answer is its first line (text after the first newline that
+        # follows some answer text is another line, not the answer)
+        lead = len(want) - len(want.lstrip())
+        cut = want.find("\n", lead)
+        want = want if cut < 0 else want[:cut]
         assert row["answer"] == want
         assert row["correct"] == is_correct(want, it["reference"])
 
@@ -201,3 +205,93 @@ def test_default_eval_items_are_built_in_model_tokens(tok):
         assert abs(n - it["length"]) <= 25, (it["id"], n)   # whole lines: within about half a line
     again = E.eval_items(tok, [300], per_length=2)
     assert [it["prompt"] for it in again] == [it["prompt"] for it in items if it["length"] == 300]
+
+
+# ----------------------------------------------------------------------------- chat models (issue 19)
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture()
+def chat_tok(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = CHAT
+    return t
+
+
+def test_chat_prompt_puts_the_cue_in_the_assistant_turn_and_scores_the_answer_there(model, chat_tok):
+    item = {"prompt": "Filler.\nThe pass key is 12345.\nQuestion: What is the pass key?\nAnswer: The pass key is",
+            "reference": "12345"}
+    p, r = E._tokenize(chat_tok, item["prompt"], item["reference"])
+    text = chat_tok.decode(p)
+    assert text.endswith("Question: What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+    assert "Answer:" not in text and chat_tok.decode(r) == " 12345"
+    # the response-masked loss is the reference's loss right after the cue, by hand
+    ids = torch.tensor([p + r])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    hand = -sum(float(logp[len(p) + t - 1, r[t]]) for t in range(len(r))) / len(r)
+    row = E.score_batch(model, chat_tok, [item], metrics=("ppl",))[0]
+    assert row["loss"] == pytest.approx(hand, rel=1e-4, abs=1e-4)
+    # --no-chat-template: the plain prompt, cue line included, as the builders wrote it
+    p2, r2 = E._tokenize(chat_tok, item["prompt"], item["reference"], chat=False)
+    assert p2 == chat_tok(item["prompt"])["input_ids"] and r2 == r
+
+
+def test_built_prompts_never_exceed_their_length_with_a_chat_template(chat_tok):
+    from moa_search.calibrate import prompt_ids
+
+    room = 48
+    for it in E.eval_items(chat_tok, [300, 700], per_length=3, answer_room=room):
+        n = len(prompt_ids(chat_tok, it["prompt"]))
+        assert n + room <= it["length"], (it["id"], n)
+        assert n + room >= it["length"] - 40            # and not far below (whole lines)
+
+
+def test_a_task_dense_fails_is_kept_out_of_the_headline():
+    def row(config, task, length, correct):
+        return {"config": config, "task": task, "length": length, "depth": 0.5, "correct": correct, "loss": 1.0,
+                "n_prompt": 10, "kv_density": 1.0, "compute_density": 1.0}
+
+    rows = ([row("dense", "passkey", 1024, c) for c in (True, True, False, True)]
+            + [row("dense", "kv_retrieval", 1024, False) for _ in range(4)]
+            + [row("plan", "passkey", 1024, c) for c in (True, False, False, True)]
+            + [row("plan", "kv_retrieval", 1024, c) for c in (True, False, False, False)])
+    table = E.aggregate(rows, bins=5)
+    head = {r["config"]: r for r in E.overall(table, "headline")}
+    alls = {r["config"]: r for r in E.overall(table)}
+    assert head["dense"]["accuracy"] == 0.75 and head["plan"]["accuracy"] == 0.5    # passkey only
+    assert alls["dense"]["accuracy"] == 0.375 and alls["plan"]["accuracy"] == 0.375  # everything
+    notes = E.beyond_model_notes(table)
+    assert len(notes) == 1 and notes[0].startswith("kv_retrieval at 1024: dense accuracy 0.00")
+
+
+def test_sink_share_warning():
+    shape = ModelShape("LlamaForCausalLM", "llama", 2, 4, 2, 16)
+    from moa_search.plan import uniform_plan
+
+    p = uniform_plan(shape, sink=64, span_tokens=100)
+    p.budget = {"kind": "kv", "density": 0.25, "lengths": [512, 1024]}
+    p.profiled_lengths = [512, 1024]
+    (w,) = E.sink_share_warnings(p, "moa0.25")
+    assert "64-token sink takes 50% of the KV budget at the shortest profiled length 512" in w
+    p.profiled_lengths = [2048, 4096]                     # 64 of 512 tokens: 12%, no warning
+    assert E.sink_share_warnings(p) == []
+
+
+def test_document_perplexity_on_stdlib_source(model, tok):
+    docs = E.doc_items(tok, [96], per_length=2, seed=0)
+    assert len(docs) == 2 and all(len(d["input_ids"]) == 96 for d in docs)
+    assert docs[0]["input_ids"] != docs[1]["input_ids"]
+    again = E.doc_items(tok, [96], per_length=2, seed=0)                 # the same tokens every time
+    assert [d["input_ids"] for d in again] == [d["input_ids"] for d in docs]
+    d = docs[0]
+    ids = torch.tensor([d["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].double()
+    hand = float(F.cross_entropy(logits[47:], ids[0, 48:]))              # second half: tokens 48..95
+    got = E.score_document(model, d)
+    assert got["loss"] == pytest.approx(hand, rel=1e-4) and got["n_answer"] == 48
