@@ -221,6 +221,8 @@ def _greedy_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
     """Greedy continuations of one left-padded batch (untrimmed: EOS/padding still in)."""
     import torch
 
+    from moa_search.apply import input_device
+
     enc = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
     enc = {k: v.to(input_device(model)) for k, v in enc.items()}
     stop = [_newline_stop(tokenizer, enc["input_ids"].shape[1])] if stop_at_newline else []

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from moa_search.apply import input_device
-from moa_search.losses import response_losses
+from moa_search.losses import response_loss, response_losses
 
 METRICS = ("retrieval", "ppl", "doc_ppl")
 DEFAULT_METRICS = ("retrieval", "ppl")
