@@ -136,13 +136,14 @@ def _layer_dens(plan, layer, n):
 
 
 def model_shape(model_dir: str):
-    """The attention shape of a checkpoint folder (or of its config.json), from the config alone."""
-    from moa_search.models import check_model_dir
+    """The attention shape of a checkpoint folder, its config.json or a GGUF file (config or metadata only)."""
+    from moa_search import models
     from moa_search.plan import ModelShape
 
     if Path(model_dir).suffix == ".json" and Path(model_dir).is_file():
         return ModelShape.from_pretrained(model_dir)
-    return ModelShape.from_pretrained(check_model_dir(model_dir))
+    models.check_model(model_dir)
+    return models.model_shape(model_dir)
 
 
 def run_plan_inspect(args) -> int:
@@ -246,12 +247,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run_generate)
 
 
-
-
-
 def run_generate(args) -> int:
-    from moa_search.models import check_model_dir
-    from moa_search.plan import ModelShape, check_plan_fits, load_plan
+    from moa_search.models import check_model, model_shape
+    from moa_search.plan import check_plan_fits, load_plan
 
     check(args.dense or args.plan, "give --plan PLAN, or --dense for the dense model")
     check(not (args.dense and args.plan), "give --plan PLAN or --dense, not both")
@@ -260,9 +258,9 @@ def run_generate(args) -> int:
     if args.prompt_file is not None:
         check(Path(args.prompt_file).is_file(), f"{args.prompt_file}: no such prompt file")
     plan = load_plan(args.plan) if args.plan else None   # a broken plan fails before the model loads
-    folder = check_model_dir(args.model)
-    if plan is not None and (folder / "config.json").is_file():
-        check_plan_fits(plan, ModelShape.from_pretrained(folder))
+    check_model(args.model, args.gguf_file)
+    if plan is not None:
+        check_plan_fits(plan, model_shape(args.model, args.gguf_file))
     device_map = parse_device_map(args.device_map)
     prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
 

@@ -77,12 +77,9 @@ class ModelShape:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "ModelShape":
-        """From a checkpoint directory (only its config.json is read) or a GGUF file (its metadata)."""
+        """From a checkpoint directory or its config.json (only that file is read). A GGUF
+        file's shape: moa_search.models.model_shape, which reads the file's metadata."""
         path = Path(model_dir)
-        from moa_search.models import model_shape, resolve_gguf
-
-        if resolve_gguf(path) is not None:
-            return model_shape(path)
         cfg = path / "config.json" if path.is_dir() else path
         if not cfg.exists():
             raise PlanError(f"{model_dir}: no config.json found (pass a model directory or its config.json)")
