@@ -13,7 +13,7 @@ The pipeline on your checkpoint M (a local folder), one command a step:
                 --uniform-density 0.5 -o eval
        moa generate --model M --plan search/plan.json --prompt "..."
 
-M may also be a GGUF file (llama.cpp's format, `pip install "moa-search[gguf]"`);
+M may also be a GGUF file (llama.cpp's format; pip install "moa-search[gguf]");
 `moa convert-gguf M.gguf -o DIR` writes it once as a safetensors folder.
 
 Plans and speed:

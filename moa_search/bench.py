@@ -44,6 +44,26 @@ MODEL_SHAPES = {
 MODES = {"prefill": "moa_search.bench_prefill", "decode": "moa_search.bench_decode", "e2e": "moa_search.bench_e2e"}
 
 
+def random_model(shape: str, layers: int | None, max_len: int, device, dtype):
+    """A random-weight LlamaForCausalLM of a named shape (speed does not depend on the weights),
+    built straight on `device` in `dtype`, in eval mode with no gradients."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(MODEL_SHAPES[shape])
+    if layers:
+        fields["num_hidden_layers"] = layers
+    cfg = LlamaConfig(max_position_embeddings=max(max_len, 4096), attn_implementation="sdpa", **fields)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval().requires_grad_(False)
+
+
 def add_arguments(p) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__

@@ -33,7 +33,7 @@ import time
 import torch
 
 from .apply import cache_kwarg
-from .bench import MODEL_SHAPES
+from .bench import MODEL_SHAPES, random_model
 
 
 def add_arguments(p) -> None:
@@ -54,23 +54,6 @@ def add_arguments(p) -> None:
 
 
 # ----------------------------------------------------------------------------- model and caches
-
-
-def build_model(shape: str, layers: int | None, max_len: int, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    fields = dict(MODEL_SHAPES[shape])
-    if layers:
-        fields["num_hidden_layers"] = layers
-    cfg = LlamaConfig(max_position_embeddings=max(max_len, 4096), attn_implementation="sdpa", **fields)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval().requires_grad_(False)
 
 
 def build_plan(model, args):
@@ -280,7 +263,7 @@ def run(args) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    model = build_model(args.model_shape, args.layers, final, device, dtype)
+    model = random_model(args.model_shape, args.layers, final, device, dtype)
     plan = build_plan(model, args)
     dens = plan.densities(final)
     cfg = model.config

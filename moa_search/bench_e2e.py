@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from .bench import MODEL_SHAPES
+from .bench import MODEL_SHAPES, random_model
 
 PATHS = ("hf-default", "hf-static", "hf-compiled", "moa-eager", "moa-graph")
 
@@ -69,26 +69,16 @@ def add_arguments(p) -> None:
 
 
 def build_model(args, device, dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
+    """The model folder (or GGUF file) of --model, else a random-weight model of --model-shape."""
     if args.model:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device)
+        from .models import load_model
+
+        model, _ = load_model(args.model, str(device), str(dtype).removeprefix("torch."), tokenizer=False)
+        model = model.requires_grad_(False)
     else:
-        fields = dict(MODEL_SHAPES[args.model_shape])
-        if args.layers:
-            fields["num_hidden_layers"] = args.layers
-        cfg = LlamaConfig(max_position_embeddings=max(args.prompt_len + args.new_tokens, 4096),
-                          attn_implementation="sdpa", **fields)
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(prev)
-    model = model.eval().requires_grad_(False)
+        model = random_model(args.model_shape, args.layers, args.prompt_len + args.new_tokens, device, dtype)
     gc_ = model.generation_config
-    gc_.eos_token_id, gc_.pad_token_id = None, 0           # random weights: never stop early
+    gc_.eos_token_id, gc_.pad_token_id = None, 0           # a benchmark decodes every token: never stop early
     return model
 
 

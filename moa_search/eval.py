@@ -531,8 +531,8 @@ def print_tables(table: list[dict], metrics=METRICS, console=None, title: str = 
         t = Table(title=f"{title}{label}")
         t.add_column("config")
         for n in lengths:
-            items = min(cell[(c, n)]["n"] for c in configs if (c, n) in cell)
-            t.add_column(f"{n}\n{items} items", justify="right")
+            items = min((cell[(c, n)]["n"] for c in configs if (c, n) in cell), default=0)
+            t.add_column(f"{n}\n{items} items" if items else str(n), justify="right")
         for c in configs:
             vals = []
             for n in lengths:

@@ -86,7 +86,7 @@ def test_shape_and_fingerprint_come_from_the_gguf_metadata(written, tmp_path):
 
     _, path, source = written
     want = ModelShape.from_config(source.config)
-    got = ModelShape.from_pretrained(path)            # what `moa plan uniform --model X.gguf` reads
+    got = model_shape(path)                           # what `moa plan uniform --model X.gguf` reads
     assert (got.num_layers, got.num_query_heads, got.num_kv_heads, got.head_dim) == (2, 4, 2, 16)
     assert got.architecture == "LlamaForCausalLM"
     out = convert_gguf(path, tmp_path / "conv", dtype="float32")
