@@ -1,6 +1,6 @@
 """`moa demo`: the whole pipeline on the embedded model, dense vs MoA vs uniform.
 
-    moa demo                  # CPU: 10-20 min on 2 cores (512/1k/2k, eval to 4k); GPU: a few minutes (1k/2k/4k, to 8k)
+    moa demo                  # CPU: about 3 min on 2 cores (512/1k/2k, eval to 4k); GPU: a few minutes (1k/2k/4k, to 8k)
     moa demo --quick          # a smoke run: 3 items per length, lengths 192-384 (+768 eval); under a minute on 2 CPU cores
     moa demo --model MODEL_DIR -o out/
 
@@ -237,8 +237,8 @@ def caveat(counts: dict[int, int]) -> str:
     if least >= SMALL:
         return ""
     return (f"only {least} item(s) per length: one item moves accuracy by {100 / max(least, 1):.0f} points, so "
-            "differences between configs are noise at this size (more items: --eval-per-length, or `moa demo` "
-            "without --quick)")
+            "differences between configs are noise at this size (more items: --eval-per-length N, or the GPU "
+            "preset on a GPU)")
 
 
 def print_summary(summary: dict, plan, con) -> None:
