@@ -138,7 +138,7 @@ if HAVE_GLUON:
         left programs 2-4% apart in work at 16k (every 132nd tile lands on the same program: with
         32 heads, always the same eighth of them); dynamically the busiest program has within 0.2%
         of the mean work (scripts/block_waste.py). Measured on the H100: dense 2% faster at 16k and
-        9% at 32k, the sparse cases unchanged within the noise (BENCHMARKS.md, session 6)."""
+        9% at 32k, the sparse cases unchanged within the noise (BENCHMARKS.md, "Prefill kernel")."""
         one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         g = 0
         j = 0
