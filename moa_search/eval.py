@@ -70,6 +70,7 @@ import torch
 
 from moa_search.apply import input_device
 from moa_search.losses import response_loss, response_losses
+from moa_search.plan import sink_share_warnings
 
 METRICS = ("retrieval", "ppl", "doc_ppl")
 DEFAULT_METRICS = ("retrieval", "ppl")
@@ -361,29 +362,6 @@ def densities(plan, n: int) -> dict:
         return {"kv_density": 1.0, "compute_density": 1.0}
     d = plan.densities(n)
     return {"kv_density": d["kv_density"], "compute_density": d["compute_density"]}
-
-
-SINK_SHARE_WARN = 0.25
-
-
-def sink_share_warnings(plan, name: str = "plan", threshold: float = SINK_SHARE_WARN) -> list[str]:
-    """Warnings for a searched plan whose sink takes a large share of its KV budget at the
-    shortest profiled length: there every head keeps the sink, so only budget - sink tokens
-    are left to tell heads apart (a 64-token sink is half of a 0.25 budget at 512 tokens,
-    and the search then has few distinct rules to choose from). For `moa search` (call it on
-    the plan it writes) and `moa eval` (prints it per plan)."""
-    b = plan.budget or {}
-    lengths = list(plan.profiled_lengths or b.get("lengths") or [])
-    if b.get("kind") != "kv" or not b.get("density") or not lengths or plan.sink <= 0:
-        return []
-    n = min(lengths)
-    tokens = float(b["density"]) * n
-    share = plan.sink / tokens
-    if share < threshold:
-        return []
-    return [f"{name}: the {plan.sink}-token sink takes {share:.0%} of the KV budget at the shortest profiled length "
-            f"{n} (density {b['density']:g} = {tokens:.0f} tokens): heads differ only in the remaining "
-            f"{max(tokens - plan.sink, 0):.0f}; profile from a longer shortest length, or use a smaller sink"]
 
 
 def build_configs(dense: bool, plans: list[str], uniform: list[float], sink: int) -> list[Config]:

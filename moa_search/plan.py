@@ -284,6 +284,29 @@ def check_plan_fits(plan: Plan, shape: ModelShape) -> None:
         )
 
 
+SINK_SHARE_WARN = 0.25
+
+
+def sink_share_warnings(plan, name: str = "plan", threshold: float = SINK_SHARE_WARN) -> list[str]:
+    """Warnings for a searched plan whose sink takes a large share of its KV budget at the
+    shortest profiled length: there every head keeps the sink, so only budget - sink tokens
+    are left to tell heads apart (a 64-token sink is half of a 0.25 budget at 512 tokens,
+    and the search then has few distinct rules to choose from). `moa search` prints them for
+    the plan it writes, `moa eval` for each plan it runs."""
+    b = plan.budget or {}
+    lengths = list(plan.profiled_lengths or b.get("lengths") or [])
+    if b.get("kind") != "kv" or not b.get("density") or not lengths or plan.sink <= 0:
+        return []
+    n = min(lengths)
+    tokens = float(b["density"]) * n
+    share = plan.sink / tokens
+    if share < threshold:
+        return []
+    return [f"{name}: the {plan.sink}-token sink takes {share:.0%} of the KV budget at the shortest profiled length "
+            f"{n} (density {b['density']:g} = {tokens:.0f} tokens): heads differ only in the remaining "
+            f"{max(tokens - plan.sink, 0):.0f}; profile from a longer shortest length, or use a smaller sink"]
+
+
 def provenance(**extra) -> dict:
     return {"tool": "moa-search", "tool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
@@ -343,6 +366,7 @@ def plan_from_moa(obj: Any, shape: ModelShape, source: str = "MoA plan") -> Plan
 
 
 __all__ = [
+    "sink_share_warnings",
     "FORMAT", "VERSION", "PlanError", "ModelShape", "Plan", "load_plan", "save_plan", "check_plan_fits",
     "uniform_plan", "plan_from_moa", "atomic_write", "atomic_write_text", "config_fingerprint", "provenance",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from . import rules as R
 from .loss_tables import Tables, density_table, load_tables, loss_table, make_problem, plan_from_choice  # noqa: F401
 from .milp import Problem, SearchError
 from .pareto import Point, non_dominated, run_pareto
-from .plan import Plan, provenance
+from .plan import Plan, provenance, sink_share_warnings
 from .scoring import choose_plan, score_plans, validation_scorer
 from .search_report import write_outputs
 
@@ -261,7 +262,11 @@ def run(args) -> int:
                  time_limit=args.time_limit, mip_gap=args.mip_gap, max_rules_per_layer=args.max_rules_per_layer,
                  lower=args.lower, score_fn=score_fn, score_info=info, heatmap_length=args.heatmap_length,
                  source=f"moa search --profiles {args.profiles}", progress=not args.quiet, jobs=args.jobs)
-    return 0 if res.plan is not None else 1
+    if res.plan is None:
+        return 1
+    for w in sink_share_warnings(res.plan, str(res.files.get("plan", "plan.json"))):
+        print(f"moa search: warning: {w}", file=sys.stderr)
+    return 0
 
 
 __all__ = ["search_plans", "search", "SearchResult", "add_arguments", "run",

@@ -271,15 +271,15 @@ def test_a_task_dense_fails_is_kept_out_of_the_headline():
 
 def test_sink_share_warning():
     shape = ModelShape("LlamaForCausalLM", "llama", 2, 4, 2, 16)
-    from moa_search.plan import uniform_plan
+    from moa_search.plan import sink_share_warnings, uniform_plan
 
     p = uniform_plan(shape, sink=64, span_tokens=100)
     p.budget = {"kind": "kv", "density": 0.25, "lengths": [512, 1024]}
     p.profiled_lengths = [512, 1024]
-    (w,) = E.sink_share_warnings(p, "moa0.25")
+    (w,) = sink_share_warnings(p, "moa0.25")
     assert "64-token sink takes 50% of the KV budget at the shortest profiled length 512" in w
     p.profiled_lengths = [2048, 4096]                     # 64 of 512 tokens: 12%, no warning
-    assert E.sink_share_warnings(p) == []
+    assert sink_share_warnings(p) == []
 
 
 def test_document_perplexity_on_stdlib_source(model, tok):

@@ -368,3 +368,19 @@ def test_validation_scorer_full_plan_equals_dense_masked_loss():
     assert got_full == pytest.approx(total / count, rel=1e-4)
     assert score(uniform_plan(shape, sink=1, span_tokens=2)) != pytest.approx(got_full, rel=1e-4)
     assert model.config._attn_implementation != "moa"       # the scorer leaves the model as it found it
+
+
+def test_search_warns_when_the_sink_takes_much_of_the_budget(tmp_path, capsys):
+    """At the shortest profiled length (256) a 0.4 budget is 102 tokens; a 32-token sink is 31% of
+    it, so the heads differ only in the other 70 tokens: `moa search` says so. A 4-token sink is 4%."""
+    from pathlib import Path
+
+    from moa_search.cli import main
+
+    profiles = Path(__file__).parent / "data" / "demo_quick"
+    common = ["search", "--profiles", str(profiles), "--budget", "0.4", "--pareto-points", "2", "--quiet"]
+    assert main(common + ["--sink", "32", "-o", str(tmp_path / "wide")]) == 0
+    err = capsys.readouterr().err
+    assert "moa search: warning:" in err and "32-token sink takes 31% of the KV budget" in err
+    assert main(common + ["--sink", "4", "-o", str(tmp_path / "narrow")]) == 0
+    assert "sink takes" not in capsys.readouterr().err
