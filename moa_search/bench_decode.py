@@ -230,12 +230,10 @@ def kernel_alone(model, args, dtype, device):
 
 def check_arguments(args) -> None:
     """Flags that cannot work together, before any model is built."""
-    from .errors import MoaError
+    from .errors import MoaError, check_counts
 
-    for flag, value in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens), ("--steps", args.steps),
-                        ("--max-batch", args.max_batch), ("--kernel-batch", args.kernel_batch)):
-        if value < 1:
-            raise MoaError(f"{flag} must be >= 1, got {value}")
+    check_counts(("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens), ("--steps", args.steps),
+                 ("--max-batch", args.max_batch), ("--kernel-batch", args.kernel_batch))
     if args.density is not None and not 0 < args.density <= 1:
         raise MoaError(f"--density must be in (0, 1], got {args.density:g}")
     # the cache holds prompt + new tokens; a measurement decodes 2 warm-up steps + --steps

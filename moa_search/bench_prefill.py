@@ -188,20 +188,16 @@ class _FlexCase:
 
 
 def run(args) -> int:
-    from .errors import MoaError
+    from .errors import MoaError, check_counts
 
-    try:   # the arguments first: a typo is reported on any machine, before the GPU is looked for
-        lengths = R.parse_lengths(args.lengths)
-    except ValueError as e:
-        raise MoaError(f"--lengths: {e}") from None
+    # the arguments first: a typo is reported on any machine, before the GPU is looked for
+    lengths = R.lengths_arg("--lengths", args.lengths)
     try:
         densities = [] if args.plan else [float(x) for x in args.density.split(",") if x.strip()]
     except ValueError:
         raise MoaError(f"--density: expected numbers like 0.5,0.25, got {args.density!r}") from None
     densities = [R.check_density(d, "--density") for d in densities]
-    for flag, value in (("--batch", args.batch), ("--rounds", args.rounds)):
-        if value < 1:
-            raise MoaError(f"{flag} must be >= 1, got {value}")
+    check_counts(("--batch", args.batch), ("--rounds", args.rounds))
     if args.sink < 0:
         raise MoaError(f"--sink must be >= 0, got {args.sink}")
     plan = load_plan(args.plan) if args.plan else None

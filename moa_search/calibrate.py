@@ -532,16 +532,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from moa_search.models import load_model, parse_device_map
-    from moa_search.rules import parse_lengths
+    from moa_search.errors import check_counts
+    from moa_search.rules import lengths_arg
 
-    try:
-        lengths = parse_lengths(args.lengths) if args.lengths else None
-    except ValueError as e:
-        raise CalibrationError(f"--lengths: {e}") from None
-    if args.per_length is not None and args.per_length < 1:
-        raise CalibrationError(f"--per-length must be >= 1, got {args.per_length}")
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.checkpoint_every < 1:
-        raise CalibrationError("--max-new-tokens, --batch-size and --checkpoint-every must be >= 1")
+    lengths = lengths_arg("--lengths", args.lengths) if args.lengths else None
+    check_counts(("--per-length", args.per_length), ("--max-new-tokens", args.max_new_tokens),
+                 ("--batch-size", args.batch_size), ("--checkpoint-every", args.checkpoint_every))
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CalibrationError(f"{out}: exists and is not empty; pass --overwrite or another -o")

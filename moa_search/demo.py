@@ -109,18 +109,18 @@ def _step(title: str, argv: list[str], con) -> None:
 
 def check_arguments(args) -> list[int] | None:
     """Everything a typo can break, checked before torch loads."""
-    from moa_search.errors import check
+    from moa_search import recipes
+    from moa_search.errors import check, check_counts
+    from moa_search.models import check_model
     from moa_search.rules import lengths_arg
-    from moa_search.models import check_model_dir
 
     lengths = lengths_arg("--lengths", args.lengths) if args.lengths else None
     check(0 < args.budget <= 1, f"--budget must be in (0, 1], got {args.budget:g}")
     check(args.sink is None or args.sink >= 0, f"--sink must be >= 0, got {args.sink}")
-    for flag, value in (("--calib-per-length", args.calib_per_length), ("--max-samples", args.max_samples),
-                        ("--eval-per-length", args.eval_per_length)):
-        check(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
-    if args.model is not None:
-        check_model_dir(args.model)
+    check_counts(("--calib-per-length", args.calib_per_length), ("--max-samples", args.max_samples),
+                 ("--eval-per-length", args.eval_per_length))
+    if args.model is not None and not recipes.is_recipe(args.model):   # a recipe's model is made later
+        check_model(args.model)
     out = Path(args.output)
     check(not out.exists() or out.is_dir(), f"{out}: exists and is not a folder; pass another -o")
     return lengths

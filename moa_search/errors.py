@@ -10,6 +10,13 @@ class MoaError(ValueError):
     """Bad input: the message names the file, field or value and what was expected."""
 
 
+def check_counts(*flags: tuple[str, int | None]) -> None:
+    """Counts given on the command line (items, steps, batch sizes): each >= 1 where given."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise MoaError(f"{flag} must be >= 1, got {value}")
+
+
 def check(ok: bool, message: str) -> None:
     """A flag's value is out of range: say which flag, what it got and what it takes."""
     if not ok:

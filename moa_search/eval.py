@@ -735,18 +735,14 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
 def run(args) -> int:
     from moa_search.models import parse_device_map
 
-    from moa_search.rules import parse_lengths
+    from moa_search.errors import check_counts
+    from moa_search.rules import lengths_arg
 
     try:
         metrics = parse_metrics(args.tasks)
-        try:
-            lengths = parse_lengths(args.lengths)
-        except ValueError as e:
-            raise ValueError(f"--lengths: {e}") from None
-        for flag, value in (("--per-length", args.per_length), ("--batch-size", args.batch_size),
-                            ("--depth-bins", args.depth_bins)):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
+        lengths = lengths_arg("--lengths", args.lengths)
+        check_counts(("--per-length", args.per_length), ("--batch-size", args.batch_size),
+                     ("--depth-bins", args.depth_bins))
         if args.sink < 0:
             raise ValueError(f"--sink must be >= 0, got {args.sink}")
         configs = build_configs(args.dense, args.plan, args.uniform_density, args.sink)

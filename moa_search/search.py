@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 from . import milp
 from . import rules as R
+from .errors import check_counts
 from .loss_tables import Tables, density_table, load_tables, loss_table, make_problem, plan_from_choice  # noqa: F401
 from .milp import Problem, SearchError
 from .pareto import Point, non_dominated, run_pareto
@@ -205,10 +206,9 @@ def check_arguments(args) -> None:
     need(args.lower is None or 0 <= args.lower < args.budget,
          f"--lower must be in [0, --budget), got {args.lower} with --budget {args.budget:g}")
     need(args.sink >= 0, f"--sink must be >= 0, got {args.sink}")
-    for flag, value in (("--min-span", args.min_span), ("--alpha-steps", args.alpha_steps),
-                        ("--pareto-points", args.pareto_points), ("--jobs", args.jobs),
-                        ("--max-rules-per-layer", args.max_rules_per_layer), ("--heatmap-length", args.heatmap_length)):
-        need(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
+    check_counts(("--min-span", args.min_span), ("--alpha-steps", args.alpha_steps),
+                 ("--pareto-points", args.pareto_points), ("--jobs", args.jobs),
+                 ("--max-rules-per-layer", args.max_rules_per_layer), ("--heatmap-length", args.heatmap_length))
     need(args.time_limit is None or args.time_limit > 0, f"--time-limit must be > 0 seconds, got {args.time_limit}")
     need(args.mip_gap >= 0, f"--mip-gap must be >= 0, got {args.mip_gap}")
     need(Path(args.profiles).exists(), f"{args.profiles}: no such profile folder (make one with `moa profile`)")
@@ -226,10 +226,7 @@ def run(args) -> int:
             betas = [float(b) for b in args.betas.split(",") if b.strip()]
         except ValueError:
             raise SearchError(f"--betas: expected numbers like 0,0.25,0.5, got {args.betas!r}") from None
-    try:
-        extend = R.parse_lengths(args.extend_lengths) if args.extend_lengths else []
-    except ValueError as e:
-        raise SearchError(f"--extend-lengths: {e}") from None
+    extend = R.lengths_arg("--extend-lengths", args.extend_lengths) if args.extend_lengths else []
     if args.model is not None:
         from moa_search.models import check_model
 

@@ -96,18 +96,13 @@ class _StderrHandler(logging.StreamHandler):
 
 def check_arguments(args) -> list[int]:
     """The flags' values, checked before anything loads; returns the lengths."""
-    from moa_search.errors import MoaError
+    from moa_search.errors import MoaError, check_counts
     from moa_search.models import check_model
-    from moa_search.rules import parse_lengths
+    from moa_search.rules import lengths_arg
 
-    try:
-        lengths = parse_lengths(args.lengths)
-    except ValueError as e:
-        raise MoaError(f"--lengths: {e}") from None
-    for flag, value in (("--block-size", args.block_size), ("--max-samples", args.max_samples),
-                        ("--checkpoint-every", args.checkpoint_every)):
-        if value is not None and value < 1:
-            raise MoaError(f"{flag} must be >= 1, got {value}")
+    lengths = lengths_arg("--lengths", args.lengths)
+    check_counts(("--block-size", args.block_size), ("--max-samples", args.max_samples),
+                 ("--checkpoint-every", args.checkpoint_every))
     if not 0 <= args.min_fill <= 1:
         raise MoaError(f"--min-fill must be in [0, 1], got {args.min_fill:g}")
     check_model(args.model, getattr(args, "gguf_file", None))

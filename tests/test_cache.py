@@ -21,10 +21,10 @@ PROMPT = 14
 NEW = 12
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, kv_heads=2):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=None,
+                      num_key_value_heads=kv_heads, max_position_embeddings=256, pad_token_id=0, eos_token_id=None,
                       bos_token_id=None)
     model = LlamaForCausalLM(cfg).eval()
     model.generation_config.pad_token_id = 0

@@ -10,35 +10,16 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import moa_search
-from moa_search import ModelShape, Plan, apply_plan, make_cache
+from moa_search import apply_plan, make_cache
 from moa_search.cache import MoaCacheError
 from moa_search.generation import prefill
+from test_cache import sparse_plan as plan_for, tiny_model  # the same tiny GQA model and plan
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 PROMPT, NEW, PAD = 17, 10, 5
-
-
-def tiny_model(seed=0, kv_heads=2):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=kv_heads, max_position_embeddings=256, pad_token_id=0, eos_token_id=None,
-                      bos_token_id=None)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def plan_for(model, granularity="kv_head"):
-    shape = ModelShape.from_config(model.config)
-    if granularity == "kv_head":
-        alpha, beta = [[3.0, 0.0], [5.0, 2.0]], [[0.0, 0.25], [0.1, 0.0]]
-    else:
-        alpha, beta = [[3.0, 1.0, 0.0, 2.0], [5.0, 1.0, 2.0, 2.0]], [[0.0, 0.0, 0.25, 0.1], [0.1, 0.2, 0.0, 0.0]]
-    return Plan(model=shape, alpha=alpha, beta=beta, sink=2, granularity=granularity)
 
 
 def batch(seed=1, pad=PAD, n=PROMPT, device="cpu"):

@@ -184,3 +184,20 @@ def test_named_recipe_finds_the_packaged_gguf_and_converts_it_once(written, tmp_
         assert torch.equal(AutoModelForCausalLM.from_pretrained(model)(ids).logits, source(ids).logits)
     # anything else passes through unchanged
     assert recipes.resolve("some/folder", PRESETS["cpu"], "cpu", tmp_path, "cpu") == ("some/folder", PRESETS["cpu"])
+
+
+def test_demo_accepts_a_recipe_name_and_a_gguf_file_as_model(written, tmp_path):
+    """`moa demo --model` checks its model before torch loads; a recipe name is made into a model
+    later, a .gguf file is a model, a missing folder is refused."""
+    import argparse
+
+    from moa_search import demo
+    from moa_search.errors import MoaError
+
+    _, path, _ = written
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    for model in ("smollm2-135m", str(path)):
+        demo.check_arguments(p.parse_args(["--model", model, "-o", str(tmp_path / "d")]))
+    with pytest.raises(MoaError, match="no such model directory"):
+        demo.check_arguments(p.parse_args(["--model", str(tmp_path / "nope"), "-o", str(tmp_path / "d")]))
