@@ -306,7 +306,7 @@ def run(args) -> int:
         res["kernel"] = kernel_alone(model, args, dtype, device)
     print(format_table(res))
     if args.json:
-        from .plan import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(res, indent=1) + "\n")
     return 0

@@ -284,7 +284,7 @@ def run(args) -> int:
     def save():
         res["rows"].sort(key=lambda r: (PATHS.index(r["path"]), r["plan"], r["batch"]))
         if args.json:
-            from .plan import atomic_write_text
+            from .files import atomic_write_text
 
             atomic_write_text(args.json, json.dumps(res, indent=1) + "\n")
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import rules as R
 from .errors import MoaError
 from .schema import FORMAT, GRANULARITIES, VERSION, first_error
-from .files import atomic_write, atomic_write_text  # noqa: F401  (bench_decode imports atomic_write_text from here)
+from .files import atomic_write_text
 from .version import __version__
 
 MOA_SINK = 64  # the official MoA tool keeps 64 sink tokens inside its span
@@ -368,5 +368,5 @@ def plan_from_moa(obj: Any, shape: ModelShape, source: str = "MoA plan") -> Plan
 __all__ = [
     "sink_share_warnings",
     "FORMAT", "VERSION", "PlanError", "ModelShape", "Plan", "load_plan", "save_plan", "check_plan_fits",
-    "uniform_plan", "plan_from_moa", "atomic_write", "atomic_write_text", "config_fingerprint", "provenance",
+    "uniform_plan", "plan_from_moa", "config_fingerprint", "provenance",
 ]
