@@ -47,6 +47,10 @@ length, e.g. twice the longest profiled one, is measured in the model's real tok
 --data FILE takes fixed items instead (JSONL/JSON list, or a `datasets` dataset saved to
 disk; e.g. calibration_data/default_eval.jsonl, whose lengths are approximate counts).
 
+A run cut short (a crash, a time limit) keeps what it finished: each (config, length)
+appends its item rows to -o DIR/progress.jsonl, and the same command again takes them from
+there when model, items, settings and plan are unchanged (--restart: score everything).
+
 Writes into -o DIR: results.csv (one row per config x length x task x depth bin, with
 the densities), items.csv (every item's answer and loss), summary.json, and PNGs:
 accuracy_vs_length.png, ppl_vs_length.png, depth_heatmaps.png (depth x length per config).
@@ -245,6 +249,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), att.to(device)
 
 
+PROGRESS = "progress.jsonl"   # in the output folder: finished (config, length) results, for a resumed run
 MAX_NEW_TOKENS = 48   # room for a chat model's sentences around the answer (a var_tracking list: ~40 tokens)
 
 
@@ -285,19 +290,35 @@ def score_batch(model, tok, batch: list[dict], metrics=METRICS, mode: str = "gen
 
 
 def generate_answers_text(model, tok, prompts: list[list[int]], pad: int, chat: bool | None,
-                          max_new_tokens: int) -> list[str]:
+                          max_new_tokens: int, compressed: bool | None = None) -> list[str]:
     """Greedy answers, as text: to the end-of-turn token, and for plain-text prompts also to
     the end of the answer's first line (calibrate's rule: the model would go on with unrelated
-    text, where another line's number could match by chance)."""
+    text, where another line's number could match by chance).
+
+    compressed: decode with the plan's compressed cache through moa_search.generate (what a
+    user of the plan runs; on CUDA one CUDA graph per token, many times faster than
+    transformers' loop for small models). None: when a plan is applied and the model is on
+    CUDA. Otherwise transformers' generate, the plan's attention over a full cache. Plain-text
+    prompts then run to max_new_tokens or the end-of-turn token, and the answer is cut at its
+    line as before, so the text scored is the same."""
     from moa_search.calibrate import _eos_ids, _newline_stop, _trim, uses_chat
+    from moa_search.hf_adapter import runtime_of
 
     plain = not uses_chat(tok, chat)
     eos = _eos_ids(model, tok)
     ids, att = _left_pad(prompts, pad, input_device(model))
-    stop = [_newline_stop(tok, ids.shape[1])] if plain else []
-    gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad, eos_token_id=sorted(eos) or None, temperature=None, top_p=None,
-                         top_k=None, stopping_criteria=stop)
+    if compressed is None:
+        compressed = runtime_of(model) is not None and ids.is_cuda
+    if compressed:
+        from moa_search.generation import generate
+
+        gen = generate(model, ids, att, max_new_tokens=max_new_tokens, loop="graph" if ids.is_cuda else "static",
+                       pad_token_id=pad, eos_token_id=sorted(eos) or None)
+    else:
+        stop = [_newline_stop(tok, ids.shape[1])] if plain else []
+        gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=sorted(eos) or None, temperature=None, top_p=None,
+                             top_k=None, stopping_criteria=stop)
     return [tok.decode(_trim(gen[b, ids.shape[1]:].tolist(), tok, eos | {pad}, plain), skip_special_tokens=True)
             for b in range(len(prompts))]
 
@@ -381,25 +402,64 @@ def build_configs(dense: bool, plans: list[str], uniform: list[float], sink: int
     return configs
 
 
+def _progress_key(model, cfg: Config, plan, items: list[dict], metrics, mode: str, chat, max_new_tokens: int,
+                  backend: str) -> str:
+    """What a (config, length) result depends on: the model, the items, the settings, the plan."""
+    import hashlib
+
+    params = list(model.parameters())
+    weights = [float(t.detach().float().abs().sum()) for t in (params[0], params[-1]) if t.device.type != "meta"]
+    what = {"model": getattr(model.config, "_name_or_path", ""), "config": model.config.to_json_string(),
+            "weights": weights,
+            "items": [[it.get("id"), it.get("task"), it["length"], it.get("prompt"), it.get("reference"),
+                       it.get("input_ids")] for it in items],
+            "metrics": list(metrics), "mode": mode, "chat": chat, "max_new_tokens": max_new_tokens,
+            "backend": backend, "name": cfg.name, "plan": None if plan is None else plan.to_dict()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_progress(path: Path | None) -> dict[str, list[dict]]:
+    """key -> rows of the (config, length) results a run already finished (a line cut short by a
+    crash is skipped: it is scored again)."""
+    done = {}
+    if path is None or not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            done[rec["key"]] = rec["rows"]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
 def run_configs(model, tok, configs: list[Config], items: list[dict], metrics=METRICS, batch_size: int = 1,
                 mode: str = "generate", backend: str = "auto", progress: bool = True, chat: bool | None = None,
-                max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
-    """Every config on every item; item rows gain 'config', 'kv_density', 'compute_density'."""
+                max_new_tokens: int = MAX_NEW_TOKENS, resume: Path | None = None) -> list[dict]:
+    """Every config on every item; item rows gain 'config', 'kv_density', 'compute_density'.
+
+    resume: a JSONL file; each finished (config, length) appends its rows there, and results
+    already in it for the same model, items, settings and plan are taken instead of scored."""
     from moa_search.apply import apply_plan, remove_plan
     from moa_search.plan import ModelShape
 
     shape = ModelShape.from_config(model.config)
     lengths = sorted({int(it["length"]) for it in items})
+    done = _read_progress(resume)
     rows = []
     for cfg in configs:
         for n in lengths:
             plan = cfg.plan_at(shape, n)
+            sel = [it for it in items if int(it["length"]) == n]
+            key = _progress_key(model, cfg, plan, sel, metrics, mode, chat, max_new_tokens, backend) if resume else ""
+            if key in done:
+                rows.extend(done[key])
+                continue
             if plan is None:
                 if getattr(model, "moa_plan", None) is not None:
                     remove_plan(model)
             else:
                 apply_plan(model, plan, backend=backend)
-            sel = [it for it in items if int(it["length"]) == n]
             t0 = time.time()
             got = evaluate_items(model, tok, sel, metrics, batch_size, mode, progress, desc=f"{cfg.name} @ {n}",
                                  chat=chat, max_new_tokens=max_new_tokens)
@@ -407,6 +467,16 @@ def run_configs(model, tok, configs: list[Config], items: list[dict], metrics=ME
             for r in got:
                 r.update(config=cfg.name, **dens, seconds=(time.time() - t0) / max(1, len(got)))
             rows.extend(got)
+            if resume is not None:
+                resume.parent.mkdir(parents=True, exist_ok=True)
+                line = json.dumps({"key": key, "config": cfg.name, "length": n, "rows": got}) + "\n"
+                with open(resume, "a+b") as f:   # one line per result: a crash loses at most the one running
+                    f.seek(0, 2)
+                    if f.tell() > 0:
+                        f.seek(-1, 2)
+                        if f.read(1) != b"\n":
+                            line = "\n" + line  # the last run died mid-line: start a fresh one
+                    f.write(line.encode())
     if getattr(model, "moa_plan", None) is not None:
         remove_plan(model)
     return rows
@@ -681,6 +751,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plain-text prompts even when the tokenizer has a chat template (to compare; default: "
                         "the template, with the answer cue opening the assistant turn)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--restart", action="store_true",
+                   help=f"score everything again (default: a run cut short resumes from -o DIR/{PROGRESS}, "
+                        "taking the results of configs and lengths it finished with the same model, items and "
+                        "settings)")
     add_device_map_argument(p)
     from moa_search.models import add_gguf_argument
 
@@ -691,10 +765,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, metrics=DEFAULT_METRICS, data=None,
              per_length=None, mode="generate", batch_size=None, device=None, dtype=None, backend="auto",
              bins=5, seed=None, task_types=None, plots=True, console=None, title="", device_map=None,
-             gguf_file=None, chat: bool | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+             gguf_file=None, chat: bool | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+             restart: bool = False) -> list[dict]:
     """Load the model, score every config, write the outputs; returns the aggregated table.
 
-    chat: None uses the tokenizer's chat template when it has one, False never."""
+    chat: None uses the tokenizer's chat template when it has one, False never.
+    A run cut short resumes from out/progress.jsonl (restart: start over)."""
     from moa_search.models import load_model
 
     if device_map is not None:
@@ -717,8 +793,11 @@ def evaluate(model_dir, configs: list[Config], lengths: list[int], out: Path, me
         print(f"moa eval: warning: {w}", file=sys.stderr)
     bs = batch_size or (8 if gpu else 1)
     t0 = time.time()
+    progress = out / PROGRESS
+    if restart and progress.exists():
+        progress.unlink()
     rows = run_configs(model, tok, configs, items, metrics, bs, mode, backend, chat=chat,
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, resume=progress)
     table = aggregate(rows, bins)
     meta = {"model": str(model_dir), "configs": [c.name for c in configs], "lengths": lengths,
             "metrics": list(metrics), "retrieval_mode": mode, "items": len(items), "data": data or "default eval set",
@@ -766,7 +845,7 @@ def run(args) -> int:
                  args.retrieval_mode, args.batch_size, args.device, args.dtype, args.backend, args.depth_bins,
                  args.seed, task_types, not args.no_plots, device_map=parse_device_map(args.device_map),
                  gguf_file=args.gguf_file, chat=False if args.no_chat_template else None,
-                 max_new_tokens=args.max_new_tokens)
+                 max_new_tokens=args.max_new_tokens, restart=args.restart)
     except (ValueError, FileNotFoundError) as e:
         print(f"moa eval: error: {e}", file=sys.stderr)
         return 2

@@ -119,6 +119,35 @@ def test_generate_mode_matches_manual_greedy_loop(model, tok):
         assert row["correct"] == is_correct(want, it["reference"])
 
 
+def test_answers_through_the_compressed_cache_match_transformers_loop(tok):
+    """On CUDA eval decodes a plan's answers with moa_search.generate (compressed cache, graph);
+    its CPU twin (loop="static") must give the answers of transformers' generate with the
+    plan's attention over a full cache: left padding, a fixed-window plan narrower than the prompt."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moa_search.apply import apply_plan, remove_plan
+
+    torch.manual_seed(0)   # larger weights than the module's model: answers vary from token to token
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, attn_implementation="sdpa", initializer_range=0.2,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    prompts = [tok(it["prompt"])["input_ids"] for it in _items()]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dense = E.generate_answers_text(model, tok, prompts, pad, None, 12)
+    plan = E.Config("uniform@0.5", uniform_density=0.5, sink=4).plan_at(ModelShape.from_config(model.config), 32)
+    apply_plan(model, plan, backend="reference")
+    try:
+        got = E.generate_answers_text(model, tok, prompts, pad, None, 12, compressed=True)
+        want = E.generate_answers_text(model, tok, prompts, pad, None, 12, compressed=False)
+    finally:
+        remove_plan(model)
+    assert len(set(map(len, prompts))) > 1 and min(map(len, prompts)) > 16   # padding; the window evicts
+    assert got == want
+    assert got != dense                               # the plan's eviction shows in the answers
+
+
 def test_exact_match_scoring():
     from moa_search.calibration_data.tasks import is_correct
 
@@ -295,3 +324,34 @@ def test_document_perplexity_on_stdlib_source(model, tok):
     hand = float(F.cross_entropy(logits[47:], ids[0, 48:]))              # second half: tokens 48..95
     got = E.score_document(model, d)
     assert got["loss"] == pytest.approx(hand, rel=1e-4) and got["n_answer"] == 48
+
+
+def test_a_run_cut_short_resumes_from_its_progress_file(model, tok, tmp_path, monkeypatch):
+    """Finished (config, length) results are taken from progress.jsonl, not scored again; a
+    changed plan, a half-written line or other items are scored again."""
+    items = _items()
+    progress = tmp_path / "progress.jsonl"
+    configs = [E.Config("dense"), E.Config("uniform@0.5", uniform_density=0.5, sink=4)]
+    first = E.run_configs(model, tok, configs, items, metrics=("ppl",), batch_size=2, mode="forced",
+                          backend="reference", progress=False, resume=progress)
+    assert len(progress.read_text().splitlines()) == 2
+
+    calls = []
+    real = E.evaluate_items
+    monkeypatch.setattr(E, "evaluate_items", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = E.run_configs(model, tok, configs, items, metrics=("ppl",), batch_size=2, mode="forced",
+                          backend="reference", progress=False, resume=progress)
+    assert calls == [] and [r["loss"] for r in again] == [r["loss"] for r in first]
+
+    other = [E.Config("uniform@0.5", uniform_density=0.5, sink=8)]       # same name, another plan
+    E.run_configs(model, tok, other, items, metrics=("ppl",), batch_size=2, mode="forced",
+                  backend="reference", progress=False, resume=progress)
+    assert len(calls) == 1
+    with open(progress, "a") as f:                                       # a crash in the middle of a line
+        f.write('{"key": "x", "rows": [')
+    E.run_configs(model, tok, configs[:1], items[:1], metrics=("ppl",), batch_size=2, mode="forced",
+                  backend="reference", progress=False, resume=progress)
+    assert len(calls) == 2                                               # fewer items: another key
+    E.run_configs(model, tok, configs[:1], items[:1], metrics=("ppl",), batch_size=2, mode="forced",
+                  backend="reference", progress=False, resume=progress)
+    assert len(calls) == 2                         # the line after the broken one was written whole
