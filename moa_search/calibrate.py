@@ -423,11 +423,15 @@ def save_calibration(ds, out, meta: dict, overwrite: bool = False) -> Path:
 def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | None = None,
               per_length: int | None = None, seed: int = 0, max_new_tokens: int = 24, batch_size: int = 1,
               progress: bool = True, model_name: str = "", checkpoint=None, checkpoint_every: int = 4,
-              chat: bool | None = None):
+              chat: bool | None = None, only_correct: bool = False):
     """Build prompts from `source`, answer them with the model -> (dataset, meta dict).
 
     checkpoint: file keeping the answers of an unfinished run (see generate_answers).
-    chat: None uses the tokenizer's chat template when it has one, False never (prompt_ids)."""
+    chat: None uses the tokenizer's chat template when it has one, False never (prompt_ids).
+    only_correct: keep only the items whose answer matches their reference (items without a
+    reference are kept): at lengths where the model mostly fails, its wrong answers depend on
+    nearby text, not on the fact far back, and a profile on them teaches the search that no
+    head needs to reach far (measured on SmolLM2-135M: BENCHMARKS.md, issue 19)."""
     from moa_search.calibration_data import sources, tasks
     from moa_search.plan import ModelShape, provenance
 
@@ -449,6 +453,14 @@ def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | No
                           progress=progress, max_positions=max_pos, checkpoint=checkpoint,
                           checkpoint_every=checkpoint_every, run_tag=f"{model_name}|{model.dtype}|chat={chat}",
                           chat=chat)
+    dropped_wrong = 0
+    if only_correct:
+        keep = [k for k, (a, r) in enumerate(zip(ds["answer"], ds["reference"])) if not r or tasks.is_correct(a, r)]
+        dropped_wrong = len(ds) - len(keep)
+        if not keep:
+            raise CalibrationError("--only-correct: the model answered no item right; nothing to calibrate on "
+                                   "(shorter --lengths, or more --per-length)")
+        ds = ds.select(keep)
     over = [i for i, n, L in zip(ds["id"], ds["n_tokens"], ds["length"]) if n > L]
     if over and first:  # e.g. raw items from a file whose `length` counted the prompt alone
         print(f"moa calibrate: warning: {len(over)} item(s) are longer than their target length "
@@ -470,7 +482,7 @@ def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | No
         "lengths": sorted({int(n) for n in ds["length"]}),
         "seeds": prep.seeds, "source": prep.description, "items": len(ds), "by_length": by_length,
         "skipped": prep.skipped, "over_length": len(over), "chat_template": uses_chat(tokenizer, chat),
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": max_new_tokens, "only_correct": only_correct, "dropped_wrong": dropped_wrong,
         "calibration_hash": calibration_hash(ds),
         **provenance(),
     }
@@ -519,6 +531,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="longest answer (default 24); prompts leave this much room within each length")
     p.add_argument("--batch-size", type=int, default=1, help="prompts answered together (default 1)")
+    p.add_argument("--only-correct", action="store_true",
+                   help="keep only items the model answered right (default: every answer, right or wrong, "
+                        "as MoA does); for a model that fails most items at the profiled lengths")
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     add_device_map_argument(p)
@@ -555,7 +570,8 @@ def run(args) -> int:
                                 gguf_file=args.gguf_file)
         ds, meta = calibrate(model, tok, args.source, lengths, args.per_length, args.seed, args.max_new_tokens,
                              args.batch_size, model_name=str(args.model), checkpoint=ckpt,
-                             checkpoint_every=args.checkpoint_every, chat=False if args.no_chat_template else None)
+                             checkpoint_every=args.checkpoint_every, chat=False if args.no_chat_template else None,
+                             only_correct=args.only_correct)
         meta["world_size"] = distributed.info()[1]
         if distributed.info()[0] == 0:
             save_calibration(ds, out, meta, overwrite=args.overwrite)
@@ -577,7 +593,10 @@ def answers_report(meta: dict) -> str:
     for length, d in meta["by_length"].items():
         acc = f", the model's answer matches the reference on {d['correct']}/{d['scored']}" if d["scored"] else ""
         lines.append(f"  length {length}: {d['items']} items, {d['min_tokens']}-{d['max_tokens']} tokens{acc}")
-    if any(d["scored"] for d in meta["by_length"].values()):
+    if meta.get("only_correct"):
+        lines.append(f"  (--only-correct: {meta.get('dropped_wrong', 0)} wrong answer(s) left out; the counts above "
+                     "are of the items kept)")
+    elif any(d["scored"] for d in meta["by_length"].values()):
         lines.append("  (the profile is taken on the model's own answers, right or wrong; "
                      f"prompts {'through the chat template' if meta.get('chat_template') else 'as plain text'})")
     return "\n".join(lines)
