@@ -1,6 +1,6 @@
 #!/bin/bash
 # The compiled decode step on the GPU machine: the tokens and cache rows of the compiled step
-# against the uncompiled one (scripts/gpu_compile_check.py, a few layers of the Llama-7B shape,
+# against the uncompiled one (scripts/gpu_compile_check.py, 2 layers of the Llama-7B shape,
 # batch 1 and 8), then `moa bench e2e` rows moa-graph (uncompiled step) vs moa-compiled at
 # batch 1 for each shape, then (RUN_TESTS=1) the CUDA tests of moa_search.generate.
 # Usage (repository root, on the device machine): bash scripts/gpu_compile.sh [SHAPES...]
@@ -8,7 +8,7 @@
 source scripts/gpu_setup.sh
 shapes=${*:-llama-7b llama3-8b}
 t0=$(date +%s)
-timeout ${CHECK_TIMEOUT:-90} python3 scripts/gpu_compile_check.py --model-shape llama-7b --layers ${CHECK_LAYERS:-4} \
+timeout ${CHECK_TIMEOUT:-90} python3 scripts/gpu_compile_check.py --model-shape llama-7b --layers ${CHECK_LAYERS:-2} \
   --batches 1,8 --json "$OUT/compile_check.json" 2>&1 | tee "$OUT/compile_check.log" | tail -6
 echo "check: $(( $(date +%s) - t0 )) s"
 for shape in $shapes; do
