@@ -186,7 +186,7 @@ class CompressedKV:
     def decode_step(self, layer: int, q, k, v, scale: float, triton: bool) -> torch.Tensor:
         """write_one (every sequence brings a real token) + decode as one custom op, for a
         compiled decode forward: q [B, Hq, 1, D], k, v [B, Hkv, 1, D] -> [B, Hq, 1, D]. Needs
-        `begin(1, decode=True)` first (outside the compiled forward: it serves every layer)."""
+        `begin(1, decode=True)` before the model forward (once per step, for every layer)."""
         return torch.ops.moa_search.decode_step(
             q, k, v, self.keys[layer], self.values[layer], self._on(self.rows[layer], layer),
             self._on(self.bidx, layer), self._on(self.spans[layer], layer), self._on(self.n, layer),
