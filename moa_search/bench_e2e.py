@@ -8,15 +8,20 @@ greedily from a random prompt of --prompt-len tokens, through each path:
   hf-compiled   cache_implementation="static", compiled (transformers' own torch.compile of the
                 decode forward; warmed up by one full run first)
   moa-eager     moa_search.generate(loop="hf"): the plan, its compressed cache, transformers' loop
-  moa-graph     moa_search.generate(loop="graph"): the plan, prompt prefilled in chunks into the
-                compressed cache, one CUDA graph replay per token
+  moa-graph     moa_search.generate(loop="graph", compile=False): the plan, prompt prefilled in
+                chunks into the compressed cache, one CUDA graph replay per token of the
+                uncompiled step (transformers' eager decoder layers under the graph)
+  moa-compiled  moa_search.generate(loop="graph"), its default: the same with the decode step's
+                forward compiled by torch.compile (inductor fuses the layers' elementwise work
+                around the cache's decode op), then captured in the same CUDA graph
 
 at batch 1 and at the largest batch that fits (estimated from the bytes a sequence needs, then
 lowered on out-of-memory; capped by --max-batch). Reported per row: time to first token (the
 prefill and the first token, ms), decode ms per token and tokens/s (median over --repeats runs;
 per token: transformers' loops, the median gap between consecutive tokens (compilation and
-graph recording fall in the first gaps); moa-graph, the replays' total / their number, the
-capture reported apart), peak GPU memory,
+graph recording fall in the first gaps); moa-graph and moa-compiled, the replays' total / their
+number, the capture reported apart, and the untimed first run's capture, which holds the
+compilation, as warm_capture_ms in the JSON), peak GPU memory,
 and the decode floor: the bytes a step must read (the weights, less the input embedding, plus
 the KV cache it attends to) / the measured HBM bandwidth (a large device copy).
 
@@ -37,7 +42,7 @@ import torch
 
 from .bench import MODEL_SHAPES, random_model
 
-PATHS = ("hf-default", "hf-static", "hf-compiled", "moa-eager", "moa-graph")
+PATHS = ("hf-default", "hf-static", "hf-compiled", "moa-eager", "moa-graph", "moa-compiled")
 
 
 def add_arguments(p) -> None:
@@ -57,7 +62,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="cap of the largest batch (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per row; medians reported (default 2)")
     p.add_argument("--prefill-chunk", type=int, default=4096,
-                   help="moa-graph prefills the prompt into the compressed cache in chunks of this many tokens")
+                   help="moa-graph and moa-compiled prefill the prompt into the compressed cache in chunks of this "
+                        "many tokens")
     p.add_argument("--moa-eager-max", action="store_true", help="also run moa-eager at the largest batch (slow)")
     p.add_argument("--long", type=int, default=0,
                    help="also prefill one prompt of this many tokens (e.g. 131072) at batch 1: the first plan's "
@@ -154,9 +160,10 @@ def run_once(model, path: str, ids, args) -> tuple[float, float, float]:
     mask = torch.ones_like(ids)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if path == "moa-graph":
+    if path in ("moa-graph", "moa-compiled"):
         timings = {}
-        generation.greedy(model, ids, None, new, prefill_chunk=args.prefill_chunk, graph=True, timings=timings)
+        generation.greedy(model, ids, None, new, prefill_chunk=args.prefill_chunk, graph=True, timings=timings,
+                          compile=path == "moa-compiled")
         return timings["first_token_s"], timings["decode_s"] / max(1, timings["decode_steps"]), timings["capture_s"]
     stamp = stamps()
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, stopping_criteria=StoppingCriteriaList([stamp]))
@@ -183,8 +190,7 @@ def measure(model, path, batch, args, log, warm: bool = True, prompt_len: int | 
     try:
         free()
         torch.cuda.reset_peak_memory_stats()
-        if warm:
-            run_once(model, path, ids, args)
+        first = run_once(model, path, ids, args) if warm else None
         runs = [run_once(model, path, ids, args) for _ in range(args.repeats)]
     except torch.OutOfMemoryError:
         free()
@@ -193,7 +199,10 @@ def measure(model, path, batch, args, log, warm: bool = True, prompt_len: int | 
     step = statistics.median(r[1] for r in runs)
     res = {"batch": batch, "ttft_ms": 1e3 * ttft, "decode_ms": 1e3 * step, "tokens_per_s": batch / step,
            "capture_ms": 1e3 * statistics.median(r[2] for r in runs),
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "decode_ms_runs": [1e3 * r[1] for r in runs]}
+    if first is not None:
+        res["warm_capture_ms"] = 1e3 * first[2]     # moa-compiled: holds torch.compile's first build
     log(f"  {path} batch {batch}: ttft {res['ttft_ms']:.0f} ms, decode {res['decode_ms']:.2f} ms/token "
         f"({res['tokens_per_s']:.0f} tok/s), peak {res['peak_gib']:.1f} GiB")
     free()

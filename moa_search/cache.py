@@ -20,7 +20,10 @@ How a forward of Nq tokens per sequence uses a layer (moa_search.runtime decides
     chunk, so that the prompt kernels (same contract, a sequence per KV head) serve it; then
     `write_chunk`;
   - decode (one token): `write_one`, then `decode` (the split-K Triton kernel or the
-    PyTorch reference over the packed buffers).
+    PyTorch reference over the packed buffers); or both at once as one opaque custom op,
+    `decode_step` (torch.ops.moa_search.decode_step), which is what a compiled decode
+    forward calls (moa_search.generation): torch.compile sees one node per layer and fuses
+    the model's dense work around it.
 
 No transformers import here: moa_search.hf_adapter wraps this in transformers' Cache API.
 """
@@ -180,6 +183,15 @@ class CompressedKV:
                                             self.sink, span, n, scale)
         return out[:, :, None]
 
+    def decode_step(self, layer: int, q, k, v, scale: float, triton: bool) -> torch.Tensor:
+        """write_one (every sequence brings a real token) + decode as one custom op, for a
+        compiled decode forward: q [B, Hq, 1, D], k, v [B, Hkv, 1, D] -> [B, Hq, 1, D]. Needs
+        `begin(1, decode=True)` before the model forward (once per step, for every layer)."""
+        return torch.ops.moa_search.decode_step(
+            q, k, v, self.keys[layer], self.values[layer], self._on(self.rows[layer], layer),
+            self._on(self.bidx, layer), self._on(self.spans[layer], layer), self._on(self.n, layer),
+            self.off32[layer], self.cap32[layer], self.cap[layer], self.s0, self.sink, float(scale), bool(triton))
+
     def kept_positions(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pos, valid) [B, T]: the position each slot of a layer holds (inspection and tests)."""
         from moa_search.kernels.decode import slot_positions
@@ -211,6 +223,41 @@ class CompressedKV:
     def dense_nbytes(self) -> int:
         """Bytes a dense cache would hold at the final length (same batch and dtype)."""
         return sum(2 * k.shape[0] * self.num_kv_heads * self.final * k.shape[2] * k.element_size() for k in self.keys)
+
+
+# ----------------------------------------------------------------------------- the custom op
+# One layer's decode append + attention as a single opaque op: torch.compile (dynamo, inductor)
+# must not trace into the Triton launch, and the cache buffers it writes are declared as
+# mutated, so the functionalised graph writes them in place (inductor re-inplaces the op).
+
+
+@torch.library.custom_op("moa_search::decode_step", mutates_args=("keys", "values"))
+def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 rows: torch.Tensor, bidx: torch.Tensor, span: torch.Tensor, n: torch.Tensor, off32: torch.Tensor,
+                 cap32: torch.Tensor, cap: torch.Tensor, s0: int, sink: int, scale: float,
+                 triton: bool) -> torch.Tensor:
+    """k, v [B, Hkv, 1, D] written at `rows` [B, Hkv] (from CompressedKV.begin) of the packed
+    keys/values [B, T, D]; then q [B, Hq, 1, D] attends over them -> [B, Hq, 1, D] (new memory)."""
+    from moa_search.kernels import decode as K
+
+    keys.index_put_((bidx, rows), k[:, :, 0])
+    values.index_put_((bidx, rows), v[:, :, 0])
+    if triton:
+        # the widest head's slots only caps the number of splits (a tuning choice): bound it by the
+        # buffer's rows, T - (Hkv - 1) * s0 >= s0 + max(cap), so that T is no compile-time constant
+        # (one compile serves every prompt length) and no device sync is needed
+        bound = keys.shape[1] - (cap32.shape[0] - 1) * s0
+        out = K.packed_decode_attention(q[:, :, 0], keys, values, off32, cap32, s0, sink, span, n, scale,
+                                        max_slots=bound)
+    else:
+        out = K.packed_decode_reference(q[:, :, 0], keys, values, s0, cap, sink, span, n, scale)
+    return out.unsqueeze(2).contiguous()
+
+
+@_decode_step.register_fake
+def _(q, k, v, keys, values, rows, bidx, span, n, off32, cap32, cap, s0, sink, scale, triton):
+    B, Hq, _, D = q.shape
+    return q.new_empty(B, Hq, 1, D)
 
 
 __all__ = ["CompressedKV", "MoaCacheError"]

@@ -17,6 +17,15 @@ CompressedKV.begin), so the replay is exactly the eager step. On the CPU (or wit
 loop="static") the same static step runs without the graph: the tests compare its tokens with
 transformers' generate.
 
+The compiled step (compile=..., the default of loop="graph" on CUDA): the step's model forward
+runs without transformers' Cache, in the runtime's decode-only mode (Runtime.decode_only: every
+attention call is the cache's append + split-K decode as one custom op,
+torch.ops.moa_search.decode_step), so no host counter or Python state changes between tokens and
+torch.compile (mode "default", fullgraph, static shapes but the cache buffers' lengths) traces it
+once: inductor fuses the decoder layers' elementwise work (norms, rotary, residuals, SiLU * up)
+around the opaque op, and our own CUDA graph captures the result as before. The uncompiled step
+(compile=False) goes through the Cache API (MoaCache.update, Runtime staging).
+
 Sampling, beam search and logits processors go through transformers' generate with the same
 cache (loop="hf").
 """
@@ -96,15 +105,72 @@ def prefill(model, cache: MoaCache, input_ids, attention_mask=None, chunk: int |
     return out.logits[:, -1]
 
 
+class CompileError(RuntimeError):
+    """torch.compile could not build the decode step."""
+
+
+def _compiled_body(dec: "GreedyDecoder") -> None:
+    """What torch.compile traces: one greedy step in decode-only mode (Runtime.decode_only): the
+    cache's per-step state (ring rows and spans of every layer, CompressedKV.begin), the model
+    forward without transformers' Cache (the attention calls decode on the runtime's cache), the
+    greedy pick and its bookkeeping. Only device tensors change between steps."""
+    dec.cache.kv.begin(1, decode=True)
+    logits = dec.model(input_ids=dec.tok, position_ids=dec.pos, use_cache=False, logits_to_keep=1).logits[:, -1]
+    dec.advance(logits)
+
+
+def _first_lines(e: BaseException) -> str:
+    """'Type: first line' of an exception and of the one at the root of its causes."""
+    def line(x):
+        text = str(x).strip()
+        return f"{type(x).__name__}: {text.splitlines()[0] if text else ''}"
+
+    root = e
+    while (getattr(root, "inner_exception", None) or root.__cause__) is not None:
+        root = getattr(root, "inner_exception", None) or root.__cause__
+    return line(e) if root is e else f"{line(e)} ({line(root)})"
+
+
+_COMPILED: dict = {}
+_RECOMPILE_LIMIT = 64
+
+
+def compile_backend(compile) -> object | None:
+    """The torch.compile backend that `compile` names (None = the uncompiled step): False/None ->
+    None, True -> "inductor", a backend name or callable as given."""
+    if compile is None or compile is False:
+        return None
+    return "inductor" if compile is True else compile
+
+
+def compiled_decode(backend):
+    """The decode step (_compiled_body) under torch.compile with `backend`, one wrapper per backend (dynamo keeps
+    its compiled graphs on the function's code, so every decoder shares them).
+
+    fullgraph: a graph break would put Python back between the layers, so it is an error.
+    dynamic=False: the batch and the model's shapes are compile-time constants (inductor picks
+    kernels for them); the cache buffers' lengths, which change with the prompt length and the
+    plan, are marked dynamic by GreedyDecoder, so one compile serves every prompt of a batch.
+    mode "default" (no inductor CUDA graphs): the step is captured in our own graph."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_compiled_body, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED[backend]
+
+
 class GreedyDecoder:
     """One static-shaped greedy decode step over a filled MoaCache: every tensor it touches is
     allocated here or in the cache, so the step can be captured as a CUDA graph (`capture`) and
     replayed; `step` runs it eagerly (CPU, debugging, and the warm-up before the capture).
 
     first: int64 [B] the token picked from the prompt's logits; positions: int64 [B] its position.
+    compile: None/False the uncompiled step (the model forward through transformers' Cache API,
+    which advances the cache's host counters every step); else a torch.compile backend (True =
+    "inductor"): the decode-only forward compiled (see the module doc), which leaves the host
+    counters alone (greedy() sets them after the loop).
     """
 
-    def __init__(self, model, cache: MoaCache, first, positions, max_new: int, eos: list[int], pad: int):
+    def __init__(self, model, cache: MoaCache, first, positions, max_new: int, eos: list[int], pad: int,
+                 compile=None):
         dev = first.device
         B = first.shape[0]
         self.model, self.cache, self.kw = model, cache, cache_kwarg(model)
@@ -118,12 +184,40 @@ class GreedyDecoder:
         self.t = torch.ones(1, dtype=torch.long, device=dev)          # next column of `out`
         self.graph = None
         self.extra = {}
-        if "cache_position" in inspect.signature(model.forward).parameters:  # transformers < 5.2x
+        self.backend = compile_backend(compile)
+        self.runtime = runtime_of(model)
+        if self.backend is not None:
+            for t in (*cache.kv.keys, *cache.kv.values):   # their lengths follow the prompt and the plan
+                torch._dynamo.mark_dynamic(t, 1)
+        elif "cache_position" in inspect.signature(model.forward).parameters:  # transformers < 5.2x
             self.extra["cache_position"] = torch.full((1,), cache.get_seq_length(), dtype=torch.long, device=dev)
 
     def step(self) -> None:
-        logits = self.model(input_ids=self.tok, position_ids=self.pos, use_cache=True, logits_to_keep=1,
-                            **self.extra, **{self.kw: self.cache}).logits[:, -1]
+        if self.backend is None:
+            logits = self.model(input_ids=self.tok, position_ids=self.pos, use_cache=True, logits_to_keep=1,
+                                **self.extra, **{self.kw: self.cache}).logits[:, -1]
+            self.advance(logits)
+            return
+        # Each batch size, plan sink and model shape is a compiled entry of its own (static shapes);
+        # a process that serves many of them must not hit dynamo's default limit of 8, which fails
+        # a fullgraph compile.
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"   # torch < 2.6
+        limit = {name: max(getattr(cfg, name), _RECOMPILE_LIMIT)}
+        with self.runtime.decode_only(self.cache.kv), cfg.patch(**limit):
+            try:
+                compiled_decode(self.backend)(self)
+            except Exception as e:
+                # No silent fallback to the uncompiled step: it is about 2x slower per token, which a
+                # benchmark or a server would otherwise report as this path's speed. The error says
+                # what failed and how to opt out.
+                raise CompileError(
+                    f"torch.compile (backend {getattr(self.backend, '__name__', self.backend)!r}) of the decode "
+                    f"step failed: {_first_lines(e)}. Pass compile=False to moa_search.generate to run the "
+                    "uncompiled step (same tokens, slower)") from e
+
+    def advance(self, logits) -> None:
+        """The greedy pick from logits [B, V] and its bookkeeping (in place)."""
         nxt = torch.where(self.done, self.pad, logits.argmax(-1))
         self.out.index_copy_(1, self.t, nxt[:, None])
         self.done |= torch.isin(nxt, self.eos)
@@ -151,9 +245,11 @@ class GreedyDecoder:
 
 def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefill_chunk: int | None = None,
            graph: bool = True, eos_token_id=None, pad_token_id=None, check_every: int = 16,
-           timings: dict | None = None) -> torch.Tensor:
+           timings: dict | None = None, compile=None) -> torch.Tensor:
     """Greedy generation with the compressed cache: [B, P] -> [B, P + new], transformers' tokens
     (rows that ended pad with pad_token_id; stops when every row ended).
+
+    compile: the decode step's torch.compile backend (GreedyDecoder); None/False uncompiled.
 
     timings: a dict to fill (CUDA, synchronising): first_token_s (prefill + first token, from the
     call), capture_s (graph: the eager warm-up step + the capture), decode_s and decode_steps
@@ -171,16 +267,16 @@ def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefi
     logits = prefill(model, cache, input_ids, attention_mask, prefill_chunk)
     first = logits.argmax(-1)
     dec = GreedyDecoder(model, cache, first, real_lengths(attention_mask, B, P, input_ids.device), max_new_tokens,
-                        eos, pad)
+                        eos, pad, compile=compile)
     steps = max_new_tokens - 1
     if timings is not None:
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         timings["first_token_s"] = t1 - t0
+    seen = cache.get_seq_length()
     with torch.no_grad():
         done_steps = 0
         if graph and steps > 0:
-            seen = cache.get_seq_length()
             dec.capture()
             done_steps = 1
             if timings is not None:   # the eager warm-up step and the capture, apart from the replays
@@ -192,14 +288,14 @@ def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefi
                 done_steps += 1
                 if eos and done_steps % check_every == 0 and bool(dec.done.all()):
                     break
-            for layer in cache.layers:      # the host counters the replays did not advance
-                layer.seen = seen + done_steps
         else:
             while done_steps < steps:
                 dec.step()
                 done_steps += 1
                 if eos and done_steps % check_every == 0 and bool(dec.done.all()):
                     break
+    for layer in cache.layers:  # the host counters (replays and the compiled step do not advance them)
+        layer.seen = seen + done_steps
     if timings is not None:
         torch.cuda.synchronize()
         timings["decode_s"] = time.perf_counter() - t1
@@ -213,12 +309,17 @@ def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefi
 
 
 def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int | None = None,
-             max_length: int | None = None, prefill_chunk: int | None = None, loop: str = "auto", **kwargs):
+             max_length: int | None = None, prefill_chunk: int | None = None, loop: str = "auto", compile=None,
+             **kwargs):
     """model.generate with the plan's compressed cache. Returns the token ids [B, P + new].
 
     loop: "graph" greedy decoding replayed as one CUDA graph per token; "static" the same step
     without the graph; "hf" transformers' generate with the cache (sampling, beams, processors);
     "auto": "graph" for greedy decoding on CUDA, else "hf".
+    compile: the decode step's forward under torch.compile (inductor fuses the dense work of the
+    layers around the cache's decode op). None: on for loop="graph", off for loop="static";
+    True: inductor; a torch.compile backend name (e.g. "aot_eager"); False: the uncompiled step.
+    A failing compile raises CompileError (no silent fallback); compile=False is the opt-out.
     prefill_chunk: prefill the prompt in chunks of this many tokens straight into the compressed
     cache (memory follows the plan's KV density from the first token).
     """
@@ -241,8 +342,13 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int | N
                              "use loop='hf'")
         if loop == "graph" and not input_ids.is_cuda:
             raise ValueError("loop='graph' needs CUDA; use loop='static' on the CPU")
+        if compile is None:
+            compile = loop == "graph"
         return greedy(model, input_ids, attention_mask, max_new_tokens, prefill_chunk, graph=loop == "graph",
-                      eos_token_id=kwargs.get("eos_token_id"), pad_token_id=kwargs.get("pad_token_id"))
+                      eos_token_id=kwargs.get("eos_token_id"), pad_token_id=kwargs.get("pad_token_id"),
+                      compile=compile)
+    if compile not in (None, False):
+        raise ValueError("compile applies to moa_search's own greedy loop (loop='graph' or 'static'), not loop='hf'")
     cache = MoaCache(model, max_length=P + max_new_tokens)
     if prefill_chunk and P > 1:  # the prompt but its last token; generate runs that one as the first step
         prefill(model, cache, input_ids[:, :-1], None if attention_mask is None else attention_mask[:, :-1],
@@ -253,4 +359,5 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int | N
     return model.generate(input_ids=input_ids, **kwargs, **{cache_kwarg(model): cache})
 
 
-__all__ = ["generate", "greedy", "prefill", "GreedyDecoder", "positions", "real_lengths"]
+__all__ = ["generate", "greedy", "prefill", "GreedyDecoder", "CompileError", "compile_backend", "compiled_decode",
+           "positions", "real_lengths"]

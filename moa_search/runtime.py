@@ -3,7 +3,7 @@ use, the profiler's capture. The attention function of the transformers adapter
 (moa_search.hf_adapter) hands every layer call to `Runtime.attention`; nothing is looked up
 on modules or masks at run time.
 
-A layer call takes one of four paths:
+A layer call takes one of four paths (five: see `decoding`):
 
     no compressed cache staged this layer's keys    the plan's attention over the given keys
                                                     (moa_search.attention.attend)
@@ -13,6 +13,13 @@ A layer call takes one of four paths:
     one token on a filled cache (decode)           append + the split-K decode kernel
 
 The first layer of a forward also advances the cache's shared state (CompressedKV.begin).
+
+Decode-only mode (`decoding`, used by moa_search.generation's compiled step): the model runs
+without a transformers Cache (use_cache=False), every layer call is one token per sequence on
+the filled compressed cache, and goes straight to the cache's decode op (append + split-K
+attention as one custom op). Nothing on the host changes per token in that mode (no staging,
+no counters), so torch.compile traces the forward once and every step reuses it; the caller
+runs `CompressedKV.begin` before the forward and fixes the host counters afterwards.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ class Runtime:
         self.prompt_length: torch.Tensor | None = None
         self._staged: list = [None] * len(rules)     # (key, value, CompressedKV, first) per layer
         self._bounds = (None, 0, None)               # (mask, nk, (start, end)): once per forward
+        self.decoding: CompressedKV | None = None    # decode-only mode: the cache every layer call decodes on
 
     # -- the cache side ---------------------------------------------------------------------------
     def stage(self, layer: int, key, value, kv: CompressedKV, first: bool) -> None:
@@ -69,6 +77,11 @@ class Runtime:
         -> [B, Hq, Nq, D]."""
         rule = self.rules[layer]
         B, Hq, Nq, D = query.shape
+        if self.decoding is not None:
+            if Nq != 1 or mask is not None:
+                raise MoaCacheError(f"decode-only mode takes one token per sequence and no padding mask, got {Nq} "
+                                    f"tokens{'' if mask is None else ' and a mask'}")
+            return self.decoding.decode_step(layer, query, key, value, scale, pick_backend(rule, query) == "triton")
         staged = self._staged[layer]
         if staged is None or staged[0] is not key:
             start, end = self.bounds(mask, B, key.shape[2], query.device)
@@ -107,6 +120,17 @@ class Runtime:
         kw, vw, st, en = kv.window(layer, key, value, start, end)
         out = run_backend(rule, query.reshape(B * Hkv, G, Nq, D), kw, vw, span, st, en, scale)
         return out.view(B, Hq, Nq, D)
+
+    @contextmanager
+    def decode_only(self, kv: CompressedKV):
+        """Run the enclosed forwards in decode-only mode on `kv` (see the module doc)."""
+        if self.decoding is not None:
+            raise MoaCacheError("decode-only mode is already on")
+        self.decoding = kv
+        try:
+            yield self
+        finally:
+            self.decoding = None
 
     @contextmanager
     def capturing(self, rules: list[LayerRule], captures: list):

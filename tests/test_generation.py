@@ -1,5 +1,6 @@
 """moa_search.generate: the static decode step (the CUDA graph's body, run eagerly on the CPU),
-chunked prefill into the compressed cache, and the errors of a cache that is too small.
+its compiled form (torch.compile of the decode-only forward), chunked prefill into the
+compressed cache, and the errors of a cache that is too small.
 
 References: transformers' generate with its dense DynamicCache and the plan's masked attention
 (the same rule, every token kept), and a one-shot prefill for the chunked one. Tiny random
@@ -14,7 +15,7 @@ import torch
 import moa_search
 from moa_search import apply_plan, make_cache
 from moa_search.cache import MoaCacheError
-from moa_search.generation import prefill
+from moa_search.generation import CompileError, prefill
 from test_cache import sparse_plan as plan_for, tiny_model  # the same tiny GQA model and plan
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -176,6 +177,94 @@ def test_beam_search_and_sampling_go_through_transformers():
         moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="graph")
 
 
+# ----------------------------------------------------------------------------- compiled step
+# torch.compile on the CPU with backend "aot_eager": the graph inductor would get (dynamo's trace,
+# the functionalised custom op), without inductor's C++ build, which takes ~30 s here.
+
+
+def counter():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    return CompileCounterWithBackend("aot_eager")
+
+
+@pytest.mark.parametrize("granularity,kv_heads", [("kv_head", 2), ("query_head", 2), ("query_head", 4)])
+def test_compiled_step_equals_the_uncompiled_step_and_reference(granularity, kv_heads):
+    """GQA (and MHA), batch 2 with left padding, rings that wrap: the compiled step's tokens are
+    the uncompiled step's and transformers'; one compile serves every step and layer, and another
+    prompt of another length (other cache buffer lengths) reuses it."""
+    model = tiny_model(kv_heads=kv_heads)
+    apply_plan(model, plan_for(model, granularity))
+    ids, mask = batch()
+    want = reference(model, ids, mask)
+    cnt = counter()
+    static = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="static")
+    compiled = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="static",
+                                   compile=cnt)
+    assert torch.equal(static, want) and torch.equal(compiled, want)
+    assert cnt.frame_count == 1
+    ids, mask = batch(seed=3, n=29, pad=11)
+    got = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="static",
+                              compile=cnt, prefill_chunk=8)
+    assert torch.equal(got, reference(model, ids, mask))
+    assert cnt.frame_count == 1, "recompiled for another prompt length"
+
+
+def test_compiled_step_leaves_the_cache_as_the_uncompiled_step_does():
+    """Same cache contents and counters after the loop (device and host), so the cache can go on
+    (a second turn) whichever step made it; and the Triton decode kernel (interpreted) inside the
+    custom op gives the same tokens as the PyTorch reference."""
+    from moa_search.generation import greedy
+
+    model = tiny_model()
+    ids, mask = batch()
+    caches = {}
+    for backend, compile in (("reference", False), ("reference", counter()), ("triton", counter())):
+        apply_plan(model, plan_for(model), backend=backend)
+        made = []
+        orig = moa_search.generation.MoaCache
+
+        class Spy(orig):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                made.append(self)
+
+        moa_search.generation.MoaCache = Spy
+        try:
+            out = greedy(model, ids, mask, NEW, graph=False, compile=compile)
+        finally:
+            moa_search.generation.MoaCache = orig
+        caches[backend, compile is False] = (out, made[0])
+    (out0, c0) = caches["reference", True]
+    for key, (out, c) in caches.items():
+        assert torch.equal(out, out0), key
+        assert [layer.seen for layer in c.layers] == [layer.seen for layer in c0.layers] == [PROMPT + NEW - 1] * 2
+        assert torch.equal(c.kv.n, c0.kv.n)
+        for li in range(2):
+            torch.testing.assert_close(c.kv.keys[li], c0.kv.keys[li], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(c.kv.values[li], c0.kv.values[li], rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_step_stops_at_eos_and_fails_clearly():
+    model = tiny_model()
+    apply_plan(model, plan_for(model))
+    ids, mask = batch()
+    free = reference(model, ids, mask)
+    eos = int(free[0, PROMPT + 2])
+    want = reference(model, ids, mask, eos_token_id=eos, pad_token_id=0)
+    got = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, loop="static",
+                              compile="aot_eager", eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    with pytest.raises(CompileError, match="no compiler here.*compile=False"):
+        moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=3, loop="static", compile=broken)
+    with pytest.raises(ValueError, match="not loop='hf'"):
+        moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=3, loop="hf", compile=True)
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
@@ -192,6 +281,20 @@ def test_gpu_graph_replay_equals_static_step_and_eager(granularity):
     chunked = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, loop="graph",
                                   prefill_chunk=16)
     assert torch.equal(chunked, graph)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_graph_equals_the_uncompiled_graph():
+    """CUDA: the default graph loop (decode step compiled by inductor, then captured) gives the
+    uncompiled graph's tokens; fp32 (no argmax ties)."""
+    model = tiny_model().cuda()
+    apply_plan(model, plan_for(model, "query_head"))
+    ids, mask = batch(device="cuda", n=40, pad=9)
+    compiled = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, loop="graph")
+    plain = moa_search.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, loop="graph",
+                                compile=False)
+    assert torch.equal(compiled, plain)
+    assert torch.equal(compiled, reference(model, ids, mask, new=24))
 
 
 @pytest.mark.gpu
