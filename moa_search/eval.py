@@ -312,8 +312,10 @@ def generate_answers_text(model, tok, prompts: list[list[int]], pad: int, chat: 
     if compressed:
         from moa_search.generation import generate
 
+        # compile=False: every batch size and plan would compile anew (tens of seconds), more than
+        # the few dozen tokens of an answer save
         gen = generate(model, ids, att, max_new_tokens=max_new_tokens, loop="graph" if ids.is_cuda else "static",
-                       pad_token_id=pad, eos_token_id=sorted(eos) or None)
+                       compile=False, pad_token_id=pad, eos_token_id=sorted(eos) or None)
     else:
         stop = [_newline_stop(tok, ids.shape[1])] if plain else []
         gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
