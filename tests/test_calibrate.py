@@ -441,3 +441,34 @@ def test_gpu_nccl_two_ranks_write_the_one_gpu_set(tiny, tmp_path):
     one, two = C.load_calibration(tmp_path / "one"), C.load_calibration(tmp_path / "two")
     assert C.load_meta(tmp_path / "two")["world_size"] == 2
     assert C.calibration_hash(two) == C.calibration_hash(one)
+
+
+def test_only_correct_keeps_the_items_answered_right(tiny, tmp_path, monkeypatch):
+    """--only-correct drops the items whose answer misses the reference (items without one stay),
+    counts them in meta, and refuses a set where nothing is left."""
+    import moa_search.calibrate as C
+
+    folder, model, tok = tiny
+    real = C.generate_answers
+
+    def answers_some_right(model, tokenizer, items, **kw):   # the model's text replaced: right on "a*" ids
+        ds = real(model, tokenizer, items, **kw)
+        return ds.map(lambda r: {"answer": f"it is {r['reference']}" if r["id"].startswith("a") else "no idea"})
+
+    recs = [{"prompt": "The key is 11111. Key?", "reference": "11111", "id": "a1"},
+            {"prompt": "The key is 22222. Key?", "reference": "22222", "id": "b1"},
+            {"prompt": "The key is 33333. Key?", "reference": "33333", "id": "a2"},
+            {"prompt": "Say something.", "id": "b-free"}]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    monkeypatch.setattr(C, "generate_answers", answers_some_right)
+    ds, meta = C.calibrate(model, tok, str(path), max_new_tokens=4, progress=False, only_correct=True)
+    assert sorted(ds["id"]) == ["a1", "a2", "b-free"]
+    assert meta["only_correct"] and meta["dropped_wrong"] == 1
+    everything, meta_all = C.calibrate(model, tok, str(path), max_new_tokens=4, progress=False)
+    assert len(everything) == 4 and meta_all["dropped_wrong"] == 0
+    assert "--only-correct: 1 wrong" in C.answers_report(meta)
+
+    path.write_text(json.dumps(recs[1]) + "\n")
+    with pytest.raises(C.CalibrationError, match="answered no item right"):
+        C.calibrate(model, tok, str(path), max_new_tokens=4, progress=False, only_correct=True)
