@@ -429,9 +429,9 @@ def calibrate(model, tokenizer, source: str = "default", lengths: list[int] | No
     checkpoint: file keeping the answers of an unfinished run (see generate_answers).
     chat: None uses the tokenizer's chat template when it has one, False never (prompt_ids).
     only_correct: keep only the items whose answer matches their reference (items without a
-    reference are kept): at lengths where the model mostly fails, its wrong answers depend on
-    nearby text, not on the fact far back, and a profile on them teaches the search that no
-    head needs to reach far (measured on SmolLM2-135M: BENCHMARKS.md, issue 19)."""
+    reference are kept), for a model that fails most items at the profiled lengths. Tried on
+    SmolLM2-135M, where MoA plans lose retrieval: it did not bring retrieval back (the right
+    answers' digits are confident, so their loss gradient is near zero; BENCHMARKS.md, issue 19)."""
     from moa_search.calibration_data import sources, tasks
     from moa_search.plan import ModelShape, provenance
 

@@ -404,15 +404,21 @@ def build_configs(dense: bool, plans: list[str], uniform: list[float], sink: int
     return configs
 
 
-def _progress_key(model, cfg: Config, plan, items: list[dict], metrics, mode: str, chat, max_new_tokens: int,
-                  backend: str) -> str:
+def _model_signature(model) -> dict:
+    """The model a result came from: its path, config and a checksum of two weight tensors (a
+    checkpoint trained again in the same folder is another model)."""
+    params = list(model.parameters())
+    weights = [float(t.detach().float().abs().sum()) for t in (params[0], params[-1]) if t.device.type != "meta"]
+    return {"model": getattr(model.config, "_name_or_path", ""), "config": model.config.to_json_string(),
+            "weights": weights}
+
+
+def _progress_key(model_sig: dict, cfg: Config, plan, items: list[dict], metrics, mode: str, chat,
+                  max_new_tokens: int, backend: str) -> str:
     """What a (config, length) result depends on: the model, the items, the settings, the plan."""
     import hashlib
 
-    params = list(model.parameters())
-    weights = [float(t.detach().float().abs().sum()) for t in (params[0], params[-1]) if t.device.type != "meta"]
-    what = {"model": getattr(model.config, "_name_or_path", ""), "config": model.config.to_json_string(),
-            "weights": weights,
+    what = {**model_sig,
             "items": [[it.get("id"), it.get("task"), it["length"], it.get("prompt"), it.get("reference"),
                        it.get("input_ids")] for it in items],
             "metrics": list(metrics), "mode": mode, "chat": chat, "max_new_tokens": max_new_tokens,
@@ -448,12 +454,13 @@ def run_configs(model, tok, configs: list[Config], items: list[dict], metrics=ME
     shape = ModelShape.from_config(model.config)
     lengths = sorted({int(it["length"]) for it in items})
     done = _read_progress(resume)
+    model_sig = _model_signature(model) if resume else {}
     rows = []
     for cfg in configs:
         for n in lengths:
             plan = cfg.plan_at(shape, n)
             sel = [it for it in items if int(it["length"]) == n]
-            key = _progress_key(model, cfg, plan, sel, metrics, mode, chat, max_new_tokens, backend) if resume else ""
+            key = _progress_key(model_sig, cfg, plan, sel, metrics, mode, chat, max_new_tokens, backend) if resume else ""
             if key in done:
                 rows.extend(done[key])
                 continue

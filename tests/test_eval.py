@@ -355,3 +355,12 @@ def test_a_run_cut_short_resumes_from_its_progress_file(model, tok, tmp_path, mo
     E.run_configs(model, tok, configs[:1], items[:1], metrics=("ppl",), batch_size=2, mode="forced",
                   backend="reference", progress=False, resume=progress)
     assert len(calls) == 2                         # the line after the broken one was written whole
+
+    import copy
+
+    retrained = copy.deepcopy(model)                                     # same folder and config, other weights
+    with torch.no_grad():
+        next(retrained.parameters()).mul_(1.5)
+    E.run_configs(retrained, tok, configs[:1], items[:1], metrics=("ppl",), batch_size=2, mode="forced",
+                  backend="reference", progress=False, resume=progress)
+    assert len(calls) == 3
