@@ -60,7 +60,7 @@ def add_arguments(p) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per run (default 32)")
     p.add_argument("--batches", default="1,max", help="batches to run: integers and/or 'max' (default 1,max)")
     p.add_argument("--max-batch", type=int, default=64, help="cap of the largest batch (default 64)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per row; medians reported (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is reported (default 3)")
     p.add_argument("--prefill-chunk", type=int, default=4096,
                    help="moa-graph and moa-compiled prefill the prompt into the compressed cache in chunks of this "
                         "many tokens")
