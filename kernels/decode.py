@@ -188,11 +188,53 @@ if triton is not None:
         tl.store(O + row * D + d, o.to(O.dtype.element_ty))
 
 
+    @triton.jit
+    def _append_kernel(K, V, KN, VN, ROWS, Hkv, stride_kb, stride_kt, stride_vb, stride_vt,
+                       stride_nb, stride_nh, stride_mb, stride_mh, D: tl.constexpr):
+        bh = tl.program_id(0)                     # one (sequence, KV head): its new key and value row
+        b = bh // Hkv
+        h = bh % Hkv
+        row = tl.load(ROWS + bh).to(tl.int64)
+        d = tl.arange(0, D)
+        kn = tl.load(KN + b * stride_nb + h * stride_nh + d)
+        vn = tl.load(VN + b * stride_mb + h * stride_mh + d)
+        tl.store(K + b.to(tl.int64) * stride_kb + row * stride_kt + d, kn)
+        tl.store(V + b.to(tl.int64) * stride_vb + row * stride_vt + d, vn)
+
+
+def append_kv(keys, values, k, v, rows) -> None:
+    """keys[b, rows[b, h]] = k[b, h] (and the same for values) in one launch: the decode append
+    of every (sequence, KV head) (two index_put_ take four launches and copies).
+
+    keys/values: [B, T, D]; k, v: [B, Hkv, D] (any strides but a contiguous last dim);
+    rows: int64 [B, Hkv] contiguous (CompressedKV.begin)."""
+    B, Hkv, D = k.shape
+    rows = rows.contiguous()
+    _append_kernel[(B * Hkv,)](keys, values, k, v, rows, Hkv, keys.stride(0), keys.stride(1), values.stride(0),
+                               values.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), D=D)
+
+
 _SM_COUNT: dict = {}
+# Programs of the default tile (BLOCK_N=64, 8 warps, 3 stages) that run at once per SM, as
+# scripts/decode_sweep.py measured on the H200 (the split count that fits waves of this size wins).
+_RESIDENT_PER_SM = 3
 
 
-def _num_splits(q, batch: int, hkv: int, max_slots: int, block_n: int) -> int:
-    """Enough programs to fill the GPU about twice, never more chunks than tiles."""
+def split_count(heads: int, slots: int, block_n: int, sms: int) -> int:
+    """Splits per head that minimise a wave model of the kernel's time: waves of resident programs
+    (heads x splits programs, _RESIDENT_PER_SM per SM) x (a program's tiles + 2 tiles of fixed
+    cost: its start and its share of the merge). heads: sequences x KV heads; slots: a typical
+    head's slots (the mean or the widest)."""
+    resident = _RESIDENT_PER_SM * sms
+    tiles = max(1, math.ceil(slots / block_n))
+
+    def cost(s):
+        return math.ceil(heads * s / resident) * (math.ceil(tiles / s) + 2)
+
+    return min(range(1, min(tiles, 128) + 1), key=lambda s: (cost(s), s))
+
+
+def _num_splits(q, batch: int, hkv: int, slots: int, block_n: int) -> int:
     if q.is_cuda:
         dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
         if dev not in _SM_COUNT:
@@ -200,19 +242,23 @@ def _num_splits(q, batch: int, hkv: int, max_slots: int, block_n: int) -> int:
         sms = _SM_COUNT[dev]
     else:
         sms = 4
-    want = math.ceil(2 * sms / max(1, batch * hkv))
-    return max(1, min(want, math.ceil(max_slots / block_n), 128))
+    return split_count(batch * hkv, slots, block_n, sms)
 
 
 def packed_decode_attention(q, keys, values, off, cap, s0: int, sink: int, span, n, scale=None,
-                            num_splits: int | None = None, block_n: int = 128, max_slots: int | None = None,
-                            num_warps: int = 4, num_stages: int = 2):
+                            num_splits: int | None = None, block_n: int = 64, max_slots: int | None = None,
+                            num_warps: int = 8, num_stages: int = 3):
     """Triton decode attention over a packed cache.
 
     q: [B, Hq, D] (one query per sequence, at position n - 1, already written to the cache);
     keys/values: [B, T, D] (row stride may differ from D, last dim contiguous);
     off, cap: int32/int64 [Hkv] on q's device; span: int64 [B, Hq]; n: int64 [B];
-    max_slots: host int s0 + max(cap) (avoids a device sync). Returns [B, Hq, D] in q's dtype.
+    max_slots: host int, a typical head's slots (s0 + max(cap), or the mean; avoids a device
+    sync): it sizes the split-K grid. Returns [B, Hq, D] in q's dtype.
+
+    Defaults (BLOCK_N=64, 8 warps, 3 stages, _num_splits) from scripts/decode_sweep.py on the
+    H200: 1.02-1.03x the HBM bound at batch 32 (Llama-3-8B shape, 16k), where the earlier 128 /
+    4 / 2 and "fill the GPU twice" took 1.37x (BENCHMARKS.md, issue 18).
     """
     if triton is None:
         raise RuntimeError("packed_decode_attention needs Triton; use packed_decode_reference")
@@ -227,7 +273,8 @@ def packed_decode_attention(q, keys, values, off, cap, s0: int, sink: int, span,
     if max_slots is None:
         max_slots = s0 + int(cap.max())
     splits = num_splits or _num_splits(q, B, Hkv, max_slots, block_n)
-    q = q.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     span = span.contiguous()
     po = torch.empty(B * Hq * splits, D, dtype=torch.float32, device=q.device)
     pl = torch.empty(B * Hq * splits, dtype=torch.float32, device=q.device)
@@ -244,4 +291,4 @@ def packed_decode_attention(q, keys, values, off, cap, s0: int, sink: int, span,
 
 
 __all__ = ["slot_positions", "head_of_slot", "packed_attention_reference", "packed_decode_reference",
-           "packed_decode_attention"]
+           "packed_decode_attention", "append_kv", "split_count"]

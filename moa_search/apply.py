@@ -47,7 +47,11 @@ def apply_plan(model, plan: Plan | str, backend: str = "auto"):
 
 
 def remove_plan(model):
-    """Undo apply_plan: back to the attention implementation the model had before."""
+    """Undo apply_plan: back to the attention implementation the model had before, and every
+    projection weight in its own storage again (moa_search.fused)."""
+    from .fused import unfuse
+
+    unfuse(model)
     attach(model, None)
     model.moa_plan = None
     return model

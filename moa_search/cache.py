@@ -240,16 +240,16 @@ def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.
     keys/values [B, T, D]; then q [B, Hq, 1, D] attends over them -> [B, Hq, 1, D] (new memory)."""
     from moa_search.kernels import decode as K
 
-    keys.index_put_((bidx, rows), k[:, :, 0])
-    values.index_put_((bidx, rows), v[:, :, 0])
     if triton:
-        # the widest head's slots only caps the number of splits (a tuning choice): bound it by the
-        # buffer's rows, T - (Hkv - 1) * s0 >= s0 + max(cap), so that T is no compile-time constant
-        # (one compile serves every prompt length) and no device sync is needed
-        bound = keys.shape[1] - (cap32.shape[0] - 1) * s0
+        K.append_kv(keys, values, k[:, :, 0], v[:, :, 0], rows)
+        # the grid is sized from a head's mean slots, T / Hkv (a tuning choice): T is read from
+        # the buffer, so it is no compile-time constant (one compile serves every prompt length)
+        # and no device sync is needed
         out = K.packed_decode_attention(q[:, :, 0], keys, values, off32, cap32, s0, sink, span, n, scale,
-                                        max_slots=bound)
+                                        max_slots=keys.shape[1] // cap32.shape[0])
     else:
+        keys.index_put_((bidx, rows), k[:, :, 0])
+        values.index_put_((bidx, rows), v[:, :, 0])
         out = K.packed_decode_reference(q[:, :, 0], keys, values, s0, cap, sink, span, n, scale)
     return out.unsqueeze(2).contiguous()
 

@@ -23,7 +23,9 @@ attention call is the cache's append + split-K decode as one custom op,
 torch.ops.moa_search.decode_step), so no host counter or Python state changes between tokens and
 torch.compile (mode "default", fullgraph, static shapes but the cache buffers' lengths) traces it
 once: inductor fuses the decoder layers' elementwise work (norms, rotary, residuals, SiLU * up)
-around the opaque op, and our own CUDA graph captures the result as before. The uncompiled step
+around the opaque op, and our own CUDA graph captures the result as before. For the Llama family
+the step's forward is moa_search.fused.decode_forward (q/k/v and gate/up as one matmul each, the
+model's own modules for the rest) rather than transformers' forward. The uncompiled step
 (compile=False) goes through the Cache API (MoaCache.update, Runtime staging).
 
 Sampling, beam search and logits processors go through transformers' generate with the same
@@ -35,6 +37,7 @@ import inspect
 
 import torch
 
+from .fused import decode_forward, fuse as fuse_projections
 from .hf_adapter import MoaCache, cache_kwarg, runtime_of
 
 # generation-config fields that change greedy tokens; when any is set the loop defers to transformers
@@ -115,7 +118,10 @@ def _compiled_body(dec: "GreedyDecoder") -> None:
     forward without transformers' Cache (the attention calls decode on the runtime's cache), the
     greedy pick and its bookkeeping. Only device tensors change between steps."""
     dec.cache.kv.begin(1, decode=True)
-    logits = dec.model(input_ids=dec.tok, position_ids=dec.pos, use_cache=False, logits_to_keep=1).logits[:, -1]
+    if dec.fused is not None:   # the Llama family: q/k/v and gate/up as one matmul each (moa_search.fused)
+        logits = decode_forward(dec.model, dec.fused, dec.tok, dec.pos)
+    else:
+        logits = dec.model(input_ids=dec.tok, position_ids=dec.pos, use_cache=False, logits_to_keep=1).logits[:, -1]
     dec.advance(logits)
 
 
@@ -166,11 +172,13 @@ class GreedyDecoder:
     compile: None/False the uncompiled step (the model forward through transformers' Cache API,
     which advances the cache's host counters every step); else a torch.compile backend (True =
     "inductor"): the decode-only forward compiled (see the module doc), which leaves the host
-    counters alone (greedy() sets them after the loop).
+    counters alone (greedy() sets them after the loop). fuse: the compiled forward of a Llama-family
+    model concatenates its q/k/v and gate/up weights (moa_search.fused; False: transformers'
+    forward, compiled as it is).
     """
 
     def __init__(self, model, cache: MoaCache, first, positions, max_new: int, eos: list[int], pad: int,
-                 compile=None):
+                 compile=None, fuse: bool = True):
         dev = first.device
         B = first.shape[0]
         self.model, self.cache, self.kw = model, cache, cache_kwarg(model)
@@ -186,6 +194,7 @@ class GreedyDecoder:
         self.extra = {}
         self.backend = compile_backend(compile)
         self.runtime = runtime_of(model)
+        self.fused = fuse_projections(model) if self.backend is not None and fuse else None
         if self.backend is not None:
             for t in (*cache.kv.keys, *cache.kv.values):   # their lengths follow the prompt and the plan
                 torch._dynamo.mark_dynamic(t, 1)
@@ -245,11 +254,12 @@ class GreedyDecoder:
 
 def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefill_chunk: int | None = None,
            graph: bool = True, eos_token_id=None, pad_token_id=None, check_every: int = 16,
-           timings: dict | None = None, compile=None) -> torch.Tensor:
+           timings: dict | None = None, compile=None, fuse: bool = True) -> torch.Tensor:
     """Greedy generation with the compressed cache: [B, P] -> [B, P + new], transformers' tokens
     (rows that ended pad with pad_token_id; stops when every row ended).
 
     compile: the decode step's torch.compile backend (GreedyDecoder); None/False uncompiled.
+    fuse: concatenated projections in the compiled step of a Llama-family model (GreedyDecoder).
 
     timings: a dict to fill (CUDA, synchronising): first_token_s (prefill + first token, from the
     call), capture_s (graph: the eager warm-up step + the capture), decode_s and decode_steps
@@ -267,7 +277,7 @@ def greedy(model, input_ids, attention_mask=None, max_new_tokens: int = 1, prefi
     logits = prefill(model, cache, input_ids, attention_mask, prefill_chunk)
     first = logits.argmax(-1)
     dec = GreedyDecoder(model, cache, first, real_lengths(attention_mask, B, P, input_ids.device), max_new_tokens,
-                        eos, pad, compile=compile)
+                        eos, pad, compile=compile, fuse=fuse)
     steps = max_new_tokens - 1
     if timings is not None:
         torch.cuda.synchronize()

@@ -15,7 +15,8 @@ from moa_search.plan import ModelShape, Plan
 def tiny_model(family: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
                vocab: int = 97, seed: int = 0, attn: str = "sdpa"):
     """A randomly initialised causal LM of the given family, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     kw = dict(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
@@ -25,6 +26,8 @@ def tiny_model(family: str = "llama", layers: int = 2, heads: int = 4, kv_heads:
         model = LlamaForCausalLM(LlamaConfig(**kw))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw, use_sliding_window=False))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**kw, head_dim=head_dim, use_sliding_window=False))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**kw, sliding_window=None))
     else:

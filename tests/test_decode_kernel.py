@@ -7,7 +7,8 @@ written independently of moa_search.cache), from a dense history of keys.
 import pytest
 import torch
 
-from moa_search.kernels.decode import (packed_decode_attention, packed_decode_reference, slot_positions)
+from moa_search.kernels.decode import (append_kv, packed_decode_attention, packed_decode_reference, slot_positions,
+                                      split_count)
 from moa_search.kernels.reference import sparse_attention_reference
 
 
@@ -100,6 +101,37 @@ def test_triton_decode_interpreted(dtype, G, splits, sink, block_n):
                                   num_splits=splits, **({} if block_n is None else {"block_n": block_n}))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+
+
+def test_append_kernel_writes_what_index_put_writes():
+    # k/v as the model hands them: [B, Hkv, 1, D] transposed views (non-contiguous), rows from a ring
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, D, T = 3, 4, 16, 40
+    keys, values = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g)
+    k = torch.randn(B, 1, Hkv, D, generator=g).transpose(1, 2)[:, :, 0]
+    v = torch.randn(B, 1, Hkv, D, generator=g).transpose(1, 2)[:, :, 0]
+    rows = torch.stack([torch.randperm(T, generator=g)[:Hkv] for _ in range(B)])
+    want_k, want_v = keys.clone(), values.clone()
+    bidx = torch.arange(B)[:, None].expand(B, Hkv)
+    want_k.index_put_((bidx, rows), k)
+    want_v.index_put_((bidx, rows), v)
+    append_kv(keys, values, k, v, rows)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+
+
+@pytest.mark.parametrize("batch,hkv,measured_best", [
+    (32, 8, {3}), (8, 8, {6}), (27, 32, {3, 4, 5, 6, 7, 8}), (49, 32, {1, 2}), (1, 32, {8, 9, 10, 11, 12})])
+def test_split_count_picks_what_the_h200_sweep_measured_best(batch, hkv, measured_best):
+    # scripts/decode_sweep.py on the H200 (132 SMs), 8216 slots per head, BLOCK_N=64: the split
+    # counts within 1% of the fastest at each batch (at (27, 32) 3, 4 and 8 were within 0.1%, 5-7
+    # not measured; at (1, 32) 8 was the fastest of 1-4, 8, 17, 33, 9-12 not measured). "Fill the GPU twice", the earlier rule, picks
+    # 2 at (32, 8): 14% slower.
+    assert split_count(batch * hkv, 8216, 64, 132) in measured_best
+
+
+def test_split_count_stays_within_the_tiles():
+    assert split_count(1, 10, 64, 132) == 1                 # one tile: one split
+    assert split_count(1, 64 * 1000, 64, 132) <= 128
 
 
 @pytest.mark.gpu

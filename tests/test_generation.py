@@ -248,6 +248,61 @@ def test_compiled_step_leaves_the_cache_as_the_uncompiled_step_does():
             torch.testing.assert_close(c.kv.values[li], c0.kv.values[li], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
+def test_fused_decode_forward_equals_transformers_forward(family):
+    """moa_search.fused: the compiled step's own forward for the Llama family (q/k/v and gate/up
+    concatenated; Qwen2's q/k/v bias, Qwen3's q/k norms) gives transformers' forward's logits on
+    identical caches (fp32), the same greedy tokens compiled, and leaves the weights as they were."""
+    from helpers import tiny_model as family_model
+
+    from moa_search.fused import decode_forward, fuse
+    from moa_search.generation import greedy
+    from moa_search.hf_adapter import runtime_of
+
+    model = family_model(family, layers=2, heads=4, kv_heads=2, head_dim=16, seed=4)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    with torch.no_grad():
+        for name, p in model.named_parameters():     # transformers starts biases at zero
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_plan(model, plan_for(model, "query_head"))
+    ids, mask = batch()
+    logits = []
+    for use_fused in (False, True):
+        cache = make_cache(model, max_length=PROMPT + 4)
+        with torch.no_grad():
+            first = prefill(model, cache, ids, mask).argmax(-1)[:, None]
+            pos = mask.sum(-1, keepdim=True)
+            cache.kv.begin(1, decode=True)
+            with runtime_of(model).decode_only(cache.kv):
+                if use_fused:
+                    logits.append(decode_forward(model, fuse(model), first, pos))
+                else:
+                    logits.append(model(input_ids=first, position_ids=pos, use_cache=False).logits[:, -1])
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == model.model.layers[0]._moa_fused.qkv.data_ptr()      # a view: no memory added
+    want = reference(model, ids, mask)
+    for fused in (True, False):
+        got = greedy(model, ids, mask, NEW, graph=False, compile=counter(), fuse=fused)
+        assert torch.equal(got, want), f"fuse={fused}"
+    moa_search.remove_plan(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    assert len(set(ptrs)) == len(ptrs) - int(model.config.tie_word_embeddings), "weights still share storage"
+
+
+def test_fused_forward_is_left_out_where_it_does_not_apply():
+    from moa_search.fused import fuse
+
+    model = tiny_model()
+    model.config.model_type = "gemma"                   # a family decode_forward does not run
+    assert fuse(model) is None
+    assert all(not hasattr(layer, "_moa_fused") for layer in model.model.layers)
+
+
 def test_compiled_step_fails_clearly():
     model = tiny_model()
     apply_plan(model, plan_for(model))
