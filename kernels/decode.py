@@ -21,8 +21,10 @@ a second kernel merges the chunks by their log-sum-exp (flash-decoding).
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 from moa_search.rules import kept
@@ -116,23 +118,19 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, OFF, CAP, SPAN, NTOK, PO, PL,
-        s0, sink, scale, splits, Hq, Hkv,
+        Q, K, V, OFF, CAP, SPAN, NTOK, WORK, PO, PL,
+        s0, sink, scale, P, Hq,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = bh // Hkv
-        h = bh % Hkv
+        item = tl.program_id(0)                   # one work item: slots [lo, hi) of KV head h
+        b = tl.program_id(1)
+        h = tl.load(WORK + item)
+        lo = tl.load(WORK + P + item)
+        hi = tl.load(WORK + 2 * P + item)
         off = tl.load(OFF + h).to(tl.int64)
         cap = tl.load(CAP + h)
         n = tl.load(NTOK + b)
-        slots = s0 + cap
-        # this program's chunk of the head's slots; chunks are whole tiles
-        chunk = tl.cdiv(tl.cdiv(slots, splits), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, slots)
 
         g = tl.arange(0, BLOCK_G)
         gmask = g < G
@@ -169,23 +167,32 @@ if triton is not None:
             m_i = m_new
         lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        row = (b * Hq + hq).to(tl.int64) * splits + split                       # [BLOCK_G]
+        row = ((b * P + item) * G + g).to(tl.int64)                             # [BLOCK_G]
         tl.store(PO + row[:, None] * D + d[None, :], o, mask=gmask[:, None])
         tl.store(PL + row, lse, mask=gmask)
 
     @triton.jit
-    def _decode_combine_kernel(PO, PL, O, splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)                                     # b * Hq + hq
-        s = tl.arange(0, BLOCK_S)
+    def _decode_combine_kernel(PO, PL, O, FIRST, P, Hq, G: tl.constexpr, D: tl.constexpr):
+        row = tl.program_id(0)                    # b * Hq + hq: merge the items of its KV head by their LSE
+        b = row // Hq
+        hq = row % Hq
+        h = hq // G
+        first = tl.load(FIRST + h)
+        last = tl.load(FIRST + h + 1)
         d = tl.arange(0, D)
-        smask = s < splits
-        lse = tl.load(PL + row * splits + s, mask=smask, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp(lse - m)
-        po = tl.load(PO + (row * splits + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-        o = tl.sum(po * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-        tl.store(O + row * D + d, o.to(O.dtype.element_ty))
+        m = float("-inf")
+        w_sum = 0.0
+        acc = tl.zeros([D], tl.float32)
+        for it in range(first, last):
+            r = ((b * P + it) * G + hq % G).to(tl.int64)
+            lse = tl.load(PL + r)
+            m_new = tl.maximum(m, lse)
+            old = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new))      # items with nothing kept weigh 0
+            w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m_new))
+            acc = acc * old + w * tl.load(PO + r * D + d)
+            w_sum = w_sum * old + w
+            m = m_new
+        tl.store(O + row.to(tl.int64) * D + d, (acc / tl.maximum(w_sum, 1e-30)).to(O.dtype.element_ty))
 
 
     @triton.jit
@@ -214,6 +221,7 @@ def append_kv(keys, values, k, v, rows) -> None:
                                values.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), D=D)
 
 
+BLOCK_N = 64                 # the decode kernel's tile of slots (scripts/decode_sweep.py)
 _SM_COUNT: dict = {}
 # Programs of the default tile (BLOCK_N=64, 8 warps, 3 stages) that run at once per SM, as
 # scripts/decode_sweep.py measured on the H200 (the split count that fits waves of this size wins).
@@ -221,42 +229,84 @@ _RESIDENT_PER_SM = 3
 
 
 def split_count(heads: int, slots: int, block_n: int, sms: int) -> int:
-    """Splits per head that minimise a wave model of the kernel's time: waves of resident programs
-    (heads x splits programs, _RESIDENT_PER_SM per SM) x (a program's tiles + 2 tiles of fixed
-    cost: its start and its share of the merge). heads: sequences x KV heads; slots: a typical
-    head's slots (the mean or the widest)."""
-    resident = _RESIDENT_PER_SM * sms
+    """Splits of a head of `slots` slots under the wave model of `chunk_tiles` (heads: sequences x
+    KV heads, all of that width)."""
     tiles = max(1, math.ceil(slots / block_n))
-
-    def cost(s):
-        return math.ceil(heads * s / resident) * (math.ceil(tiles / s) + 2)
-
-    return min(range(1, min(tiles, 128) + 1), key=lambda s: (cost(s), s))
+    return math.ceil(tiles / chunk_tiles([tiles] * heads, 1, sms))
 
 
-def _num_splits(q, batch: int, hkv: int, slots: int, block_n: int) -> int:
-    if q.is_cuda:
-        dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        if dev not in _SM_COUNT:
-            _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-        sms = _SM_COUNT[dev]
+def chunk_tiles(tiles: list[int], batch: int, sms: int) -> int:
+    """Tiles per work item that minimise a wave model of the kernel's time: waves of resident
+    programs (batch x items, _RESIDENT_PER_SM per SM) x (an item's tiles + 2 tiles of fixed cost:
+    its start and its share of the merge). tiles: each KV head's tiles.
+
+    Measured (scripts/decode_sweep.py, H200, uniform 8216 slots): it picks the best split count or
+    one within 1% of it at batch 1, 8, 27, 32 and 49 for 8 and 32 KV heads, where "fill the GPU
+    twice" was up to 14% slower. Items of one size serve heads of any width alike (a plan's heads
+    differ), where a fixed number of splits per head makes the widest heads' programs the tail."""
+    return _chunk_tiles(tuple(tiles), batch, sms)
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_tiles(tiles: tuple, batch: int, sms: int) -> int:
+    resident = _RESIDENT_PER_SM * sms
+    top = max(tiles)
+
+    def cost(c):
+        items = sum(-(-t // c) for t in tiles)
+        return -(-batch * items // resident) * (c + 2)
+
+    # the chunk sizes that cut the widest head into 1..128 items
+    return min({-(-top // s) for s in range(1, 129)}, key=lambda c: (cost(c), -c))
+
+
+def work_items(slots, block_n: int, batch: int = 1, sms: int | None = None, splits: int | None = None):
+    """The decode kernel's work items for heads of `slots` slots each (host ints [Hkv]): every
+    head's slots cut into pieces of whole tiles, of one size (chunk_tiles) or, with `splits`, into
+    that many pieces per head. Returns (work int32 [3, P]: head, lo, hi of each item; first
+    int32 [Hkv + 1]: head h's items are first[h]..first[h + 1] - 1), numpy."""
+    slots = np.asarray(slots, dtype=np.int64)
+    tiles = np.maximum(1, -(-slots // block_n))
+    if splits is not None:
+        per = [int(-(-t // splits)) * block_n for t in tiles]     # slots per item, by head
     else:
-        sms = 4
-    return split_count(batch * hkv, slots, block_n, sms)
+        c = chunk_tiles([int(t) for t in tiles], batch, sms or 4) * block_n
+        per = [c] * len(slots)
+    head, lo, hi, first = [], [], [], [0]
+    for h, (n, step) in enumerate(zip(slots, per)):
+        starts = list(range(0, max(int(n), 1), step))
+        head += [h] * len(starts)
+        lo += starts
+        hi += [min(x + step, int(n)) for x in starts]
+        first.append(len(head))
+    return np.array([head, lo, hi], dtype=np.int32), np.array(first, dtype=np.int32)
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for anything else: the interpreter's stand-in)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    dev = device.index if device.index is not None else torch.cuda.current_device()
+    if dev not in _SM_COUNT:
+        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SM_COUNT[dev]
 
 
 def packed_decode_attention(q, keys, values, off, cap, s0: int, sink: int, span, n, scale=None,
-                            num_splits: int | None = None, block_n: int = 64, max_slots: int | None = None,
+                            work=None, num_splits: int | None = None, block_n: int = BLOCK_N,
                             num_warps: int = 8, num_stages: int = 3):
     """Triton decode attention over a packed cache.
 
     q: [B, Hq, D] (one query per sequence, at position n - 1, already written to the cache);
     keys/values: [B, T, D] (row stride may differ from D, last dim contiguous);
     off, cap: int32/int64 [Hkv] on q's device; span: int64 [B, Hq]; n: int64 [B];
-    max_slots: host int, a typical head's slots (s0 + max(cap), or the mean; avoids a device
-    sync): it sizes the split-K grid. Returns [B, Hq, D] in q's dtype.
+    work: (work int32 [3, P], first int32 [Hkv + 1]) on q's device, from `work_items` for these
+    heads and this batch (CompressedKV keeps one per layer, so a step needs no device sync);
+    None builds it here from cap (a device sync), with num_splits pieces per head if given.
+    Returns [B, Hq, D] in q's dtype.
 
-    Defaults (BLOCK_N=64, 8 warps, 3 stages, _num_splits) from scripts/decode_sweep.py on the
+    Defaults (BLOCK_N=64, 8 warps, 3 stages, chunk_tiles) from scripts/decode_sweep.py on the
     H200: 1.02-1.03x the HBM bound at batch 32 (Llama-3-8B shape, 16k), where the earlier 128 /
     4 / 2 and "fill the GPU twice" took 1.37x (BENCHMARKS.md, issue 18).
     """
@@ -270,25 +320,27 @@ def packed_decode_attention(q, keys, values, off, cap, s0: int, sink: int, span,
         raise ValueError(f"head_dim must be a power of two >= 16 for the decode kernel, got {D}")
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
-    if max_slots is None:
-        max_slots = s0 + int(cap.max())
-    splits = num_splits or _num_splits(q, B, Hkv, max_slots, block_n)
+    if work is None:
+        w, f = work_items(s0 + cap.cpu().numpy(), block_n, B, sm_count(q.device), num_splits)
+        work = (torch.as_tensor(w, device=q.device), torch.as_tensor(f, device=q.device))
+    table, first = work
+    P = table.shape[1]
     if q.stride(-1) != 1:
         q = q.contiguous()
     span = span.contiguous()
-    po = torch.empty(B * Hq * splits, D, dtype=torch.float32, device=q.device)
-    pl = torch.empty(B * Hq * splits, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(B * Hkv, splits)](
-        q, keys, values, off, cap, span, n, po, pl,
-        s0, sink, scale, splits, Hq, Hkv,
+    po = torch.empty(B * P * G, D, dtype=torch.float32, device=q.device)
+    pl = torch.empty(B * P * G, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(P, B)](
+        q, keys, values, off, cap, span, n, table, po, pl,
+        s0, sink, scale, P, Hq,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _decode_combine_kernel[(B * Hq,)](po, pl, out, splits, D=D, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+    _decode_combine_kernel[(B * Hq,)](po, pl, out, first, P, Hq, G=G, D=D)
     return out
 
 
 __all__ = ["slot_positions", "head_of_slot", "packed_attention_reference", "packed_decode_reference",
-           "packed_decode_attention", "append_kv", "split_count"]
+           "packed_decode_attention", "append_kv", "split_count", "chunk_tiles", "work_items", "sm_count"]

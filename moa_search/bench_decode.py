@@ -183,7 +183,7 @@ def kernel_alone(model, args, dtype, device):
     import triton
     import torch.nn.functional as F
 
-    from .kernels.decode import packed_decode_attention
+    from .kernels.decode import packed_decode_attention, sm_count, work_items
 
     B, P = args.kernel_batch, args.prompt_len
     final = P + args.new_tokens
@@ -199,13 +199,16 @@ def kernel_alone(model, args, dtype, device):
 
     def run(**launch):
         return packed_decode_attention(q, kv.keys[0], kv.values[0], kv.off32[0], kv.cap32[0], kv.s0, rule.sink,
-                                       span, n, scale, max_slots=kv.max_slots[0], **launch)
+                                       span, n, scale, **launch)
 
-    ms = triton.testing.do_bench(run, warmup=10, rep=100)
+    ms = triton.testing.do_bench(lambda: run(work=kv.work[0]), warmup=10, rep=100)
     variants = {}
-    for bn, nw, ns in ((64, 4, 2), (64, 4, 3), (128, 8, 3), (32, 4, 4)):
-        def run_v(bn=bn, nw=nw, ns=ns):
-            return run(block_n=bn, num_warps=nw, num_stages=ns)
+    for bn, nw, ns in ((128, 4, 2), (64, 4, 3), (128, 8, 3), (32, 4, 4)):
+        wk = [torch.as_tensor(x, device=device) for x in work_items(kv.s0 + kv.cap[0].cpu().numpy(), bn, B,
+                                                                      sm_count(device))]
+
+        def run_v(bn=bn, nw=nw, ns=ns, wk=wk):
+            return run(block_n=bn, num_warps=nw, num_stages=ns, work=wk)
         variants[f"block_n={bn},warps={nw},stages={ns}"] = triton.testing.do_bench(run_v, warmup=10, rep=50)
     # bytes the kernel must read at this length: each head's kept tokens (sink + window) of K and V
     _, valid = kv.kept_positions(0)

@@ -34,6 +34,7 @@ import torch
 
 from . import rules as R
 from .attention import LayerRule
+from .kernels import decode as K
 from .errors import MoaError
 
 
@@ -59,6 +60,7 @@ class CompressedKV:
         dev0 = devices[0]
         self.device = dev0
         caps, self.keys, self.values, self.off, self.cap, self.off32, self.cap32, self.max_slots = [], [], [], [], [], [], [], []
+        self.work = []
         for rule, dev in zip(rules, devices):
             # a KV head keeps the widest window of its query heads at the final length (host: no sync)
             span = rule.host_spans(final).reshape(num_kv_heads, self.group).max(-1)
@@ -71,6 +73,9 @@ class CompressedKV:
             self.cap32.append(self.cap[-1].to(torch.int32))
             self.off32.append(self.off[-1].to(torch.int32))
             self.max_slots.append(self.s0 + int(cap.max()))
+            # the decode kernel's work items for this layer's heads and this batch (host: no sync)
+            work, first = K.work_items(slots, K.BLOCK_N, batch, K.sm_count(dev))
+            self.work.append((torch.as_tensor(work, device=dev), torch.as_tensor(first, device=dev)))
             self.keys.append(torch.zeros(batch, int(slots.sum()), head_dim, dtype=dtype, device=dev))
             self.values.append(torch.zeros_like(self.keys[-1]))
         # per-forward state, shared by the layers (on layer 0's device)
@@ -171,13 +176,11 @@ class CompressedKV:
     def decode(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> torch.Tensor:
         """Attention of one query per sequence, q [B, Hq, 1, D] at position n - 1 (its key already
         written), over the layer's packed cache with the step's spans -> [B, Hq, 1, D]."""
-        from moa_search.kernels import decode as K
-
         span, n = self._on(self.spans[layer], layer), self._on(self.n, layer)
         if triton:
             out = K.packed_decode_attention(q[:, :, 0], self.keys[layer], self.values[layer], self.off32[layer],
                                             self.cap32[layer], self.s0, self.sink, span, n, scale,
-                                            max_slots=self.max_slots[layer])
+                                            work=self.work[layer])
         else:
             out = K.packed_decode_reference(q[:, :, 0], self.keys[layer], self.values[layer], self.s0, self.cap[layer],
                                             self.sink, span, n, scale)
@@ -190,7 +193,8 @@ class CompressedKV:
         return torch.ops.moa_search.decode_step(
             q, k, v, self.keys[layer], self.values[layer], self._on(self.rows[layer], layer),
             self._on(self.bidx, layer), self._on(self.spans[layer], layer), self._on(self.n, layer),
-            self.off32[layer], self.cap32[layer], self.cap[layer], self.s0, self.sink, float(scale), bool(triton))
+            self.off32[layer], self.cap32[layer], self.cap[layer], *self.work[layer], self.s0, self.sink, float(scale),
+            bool(triton))
 
     def kept_positions(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pos, valid) [B, T]: the position each slot of a layer holds (inspection and tests)."""
@@ -234,19 +238,15 @@ class CompressedKV:
 @torch.library.custom_op("moa_search::decode_step", mutates_args=("keys", "values"))
 def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  rows: torch.Tensor, bidx: torch.Tensor, span: torch.Tensor, n: torch.Tensor, off32: torch.Tensor,
-                 cap32: torch.Tensor, cap: torch.Tensor, s0: int, sink: int, scale: float,
-                 triton: bool) -> torch.Tensor:
+                 cap32: torch.Tensor, cap: torch.Tensor, work: torch.Tensor, first: torch.Tensor, s0: int, sink: int,
+                 scale: float, triton: bool) -> torch.Tensor:
     """k, v [B, Hkv, 1, D] written at `rows` [B, Hkv] (from CompressedKV.begin) of the packed
-    keys/values [B, T, D]; then q [B, Hq, 1, D] attends over them -> [B, Hq, 1, D] (new memory)."""
-    from moa_search.kernels import decode as K
-
+    keys/values [B, T, D]; then q [B, Hq, 1, D] attends over them -> [B, Hq, 1, D] (new memory).
+    work, first: the layer's decode work items (kernels.decode.work_items)."""
     if triton:
         K.append_kv(keys, values, k[:, :, 0], v[:, :, 0], rows)
-        # the grid is sized from a head's mean slots, T / Hkv (a tuning choice): T is read from
-        # the buffer, so it is no compile-time constant (one compile serves every prompt length)
-        # and no device sync is needed
         out = K.packed_decode_attention(q[:, :, 0], keys, values, off32, cap32, s0, sink, span, n, scale,
-                                        max_slots=keys.shape[1] // cap32.shape[0])
+                                        work=(work, first))
     else:
         keys.index_put_((bidx, rows), k[:, :, 0])
         values.index_put_((bidx, rows), v[:, :, 0])
@@ -255,7 +255,7 @@ def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.
 
 
 @_decode_step.register_fake
-def _(q, k, v, keys, values, rows, bidx, span, n, off32, cap32, cap, s0, sink, scale, triton):
+def _(q, k, v, keys, values, rows, bidx, span, n, off32, cap32, cap, work, first, s0, sink, scale, triton):
     B, Hq, _, D = q.shape
     return q.new_empty(B, Hq, 1, D)
 

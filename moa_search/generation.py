@@ -196,8 +196,10 @@ class GreedyDecoder:
         self.runtime = runtime_of(model)
         self.fused = fuse_projections(model) if self.backend is not None and fuse else None
         if self.backend is not None:
-            for t in (*cache.kv.keys, *cache.kv.values):   # their lengths follow the prompt and the plan
-                torch._dynamo.mark_dynamic(t, 1)
+            # their lengths follow the prompt and the plan: the buffers' rows, the decode work items
+            for t in (*cache.kv.keys, *cache.kv.values, *(w for w, _ in cache.kv.work)):
+                if t.shape[1] > 1:
+                    torch._dynamo.mark_dynamic(t, 1)
         elif "cache_position" in inspect.signature(model.forward).parameters:  # transformers < 5.2x
             self.extra["cache_position"] = torch.full((1,), cache.get_seq_length(), dtype=torch.long, device=dev)
 

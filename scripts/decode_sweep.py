@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from moa_search.kernels.decode import _num_splits, packed_decode_attention
+from moa_search.kernels.decode import packed_decode_attention, split_count, work_items
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -65,14 +65,15 @@ def main() -> None:
         cap = torch.full((Hkv,), S - 64, dtype=torch.int32, device=dev)
         n = torch.full((B,), 16400, dtype=torch.int64, device=dev)
         span = torch.full((B, Hq), S - 64, dtype=torch.int64, device=dev)
-        auto = _num_splits(q, B, Hkv, S, 64)
+        auto = split_count(B * Hkv, S, 64, torch.cuda.get_device_properties(0).multi_processor_count)
         bound_ms = 1e3 * per_layer * L / bw
         configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
         for (bn, warps, stages), sp in itertools.product(configs, args.splits.split(",")):
             splits = max(1, int(round(auto * float(sp[:-1])))) if sp.endswith("x") else int(sp)
+            work = [torch.as_tensor(x, device=dev) for x in work_items([S] * Hkv, bn, splits=splits)]
             try:
                 ms = graph_ms(lambda: [packed_decode_attention(q, keys[i], values[i], off, cap, 64, 64, span, n, None,
-                                                               num_splits=splits, block_n=bn, max_slots=S,
+                                                               work=work, block_n=bn,
                                                                num_warps=warps, num_stages=stages) for i in range(L)])
             except Exception as e:   # out of shared memory for this tile and stage count
                 print(f"B={B} bn={bn} w={warps} st={stages} splits={splits}: {type(e).__name__}", flush=True)

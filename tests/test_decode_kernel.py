@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moa_search.kernels.decode import (append_kv, packed_decode_attention, packed_decode_reference, slot_positions,
-                                      split_count)
+                                      split_count, work_items)
 from moa_search.kernels.reference import sparse_attention_reference
 
 
@@ -127,6 +127,24 @@ def test_split_count_picks_what_the_h200_sweep_measured_best(batch, hkv, measure
     # not measured; at (1, 32) 8 was the fastest of 1-4, 8, 17, 33, 9-12 not measured). "Fill the GPU twice", the earlier rule, picks
     # 2 at (32, 8): 14% slower.
     assert split_count(batch * hkv, 8216, 64, 132) in measured_best
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_work_items_cover_every_slot_once_in_whole_tiles(splits):
+    slots = [64 * 40 + 7, 64, 5, 64 * 129]                   # heads of a plan differ in width
+    work, first = work_items(slots, 64, batch=2, sms=132, splits=splits)
+    head, lo, hi = work
+    for h, n in enumerate(slots):
+        mine = range(first[h], first[h + 1])
+        assert all(head[i] == h for i in mine)
+        covered = [x for i in mine for x in range(lo[i], hi[i])]
+        assert covered == list(range(n))                       # in order, each slot once
+        assert all(lo[i] % 64 == 0 for i in mine)
+        if splits:
+            assert len(mine) == min(splits, -(-n // 64))
+    if splits is None:                                          # one item size for every head
+        sizes = {int(hi[i] - lo[i]) for i in range(len(head)) if hi[i] - lo[i] and hi[i] != slots[head[i]]}
+        assert len(sizes) <= 1
 
 
 def test_split_count_stays_within_the_tiles():
