@@ -15,9 +15,12 @@ A query at position qpos attends to the cached keys of the rule's kept set
 (moa_search.rules.kept): pos < sink or qpos - pos < span[b, query head].
 
 Decode (`packed_decode_attention`): one query per sequence at qpos = n - 1 (its own key is
-already written). Grid (B * Hkv, splits): each program walks one chunk of one head's slots
-for the G query heads of the group (GQA without repeating K/V), keeping an online softmax;
-a second kernel merges the chunks by their log-sum-exp (flash-decoding).
+already written). The heads' slots are cut into work items of one size (whole tiles; `work_items`,
+sized by a wave model, `chunk_tiles`), so heads of different widths load the GPU evenly. Grid
+(items, B): each program walks one item's slots of one head for the G query heads of the group
+(GQA without repeating K/V), keeping an online softmax; a second kernel merges each head's items
+by their log-sum-exp (flash-decoding). `append_kv` writes a decode step's keys and values in one
+launch.
 """
 from __future__ import annotations
 

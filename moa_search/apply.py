@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from .attention import BACKENDS, LayerRule
+from .fused import unfuse
 # attention_modules and cache_kwarg are re-exported: callers find them here
 from .hf_adapter import MoaCache, attach, attention_modules, cache_kwarg, layer_devices  # noqa: F401
 from .plan import ModelShape, Plan, check_plan_fits, load_plan
@@ -49,8 +50,6 @@ def apply_plan(model, plan: Plan | str, backend: str = "auto"):
 def remove_plan(model):
     """Undo apply_plan: back to the attention implementation the model had before, and every
     projection weight in its own storage again (moa_search.fused)."""
-    from .fused import unfuse
-
     unfuse(model)
     attach(model, None)
     model.moa_plan = None

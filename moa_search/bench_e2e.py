@@ -13,7 +13,8 @@ greedily from a random prompt of --prompt-len tokens, through each path:
                 uncompiled step (transformers' eager decoder layers under the graph)
   moa-compiled  moa_search.generate(loop="graph"), its default: the same with the decode step's
                 forward compiled by torch.compile (inductor fuses the layers' elementwise work
-                around the cache's decode op), then captured in the same CUDA graph
+                around the cache's decode op; Llama-family models run moa_search.fused's forward,
+                q/k/v and gate/up as one matmul each), then captured in the same CUDA graph
 
 at batch 1 and at the largest batch that fits (estimated from the bytes a sequence needs, then
 lowered on out-of-memory; capped by --max-batch). Reported per row: time to first token (the

@@ -11,8 +11,8 @@ of the Llama-3-8B shape, CUDA graph): 4.39 ms as 7 matmuls, 3.84 ms as 4, floor 
 
 `fuse` concatenates each layer's weights into one buffer and points the q/k/v (gate/up)
 Linear weights at its rows, so no memory is added and transformers' own forward (prefill, the
-uncompiled step) reads the same numbers. `unfuse` gives every Linear its own storage back
-(remove_plan calls it; a fused model's weights share storage, which safetensors refuses).
+uncompiled step) reads the same numbers; save_pretrained writes the same tensors (tested).
+`unfuse` gives every Linear its own storage back (remove_plan calls it).
 
 `decode_forward` is the decoder of LlamaForCausalLM (and Mistral, Qwen2 with its q/k/v bias,
 Qwen3 with its q/k norms) for one token per sequence: the model's own modules for the
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .hf_adapter import runtime_of
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -129,8 +131,6 @@ def unfuse(model) -> None:
 def decode_forward(model, fused: list[FusedLayer], input_ids, position_ids) -> torch.Tensor:
     """One token per sequence through the decoder, attention on the runtime's compressed cache in
     decode-only mode: input_ids, position_ids [B, 1] -> logits [B, V] (the model's dtype)."""
-    from .hf_adapter import runtime_of
-
     runtime = runtime_of(model)
     base = model.model
     B = input_ids.shape[0]

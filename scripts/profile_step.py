@@ -1,5 +1,6 @@
 """Where the time of one compiled decode step goes (GPU): the step of `moa_search.generate`
-(compiled, captured) on a named shape with random bf16 weights, profiled over a few replays
+(compiled, captured; --unfused-too: also with transformers' forward instead of
+moa_search.fused's) on a named shape with random bf16 weights, profiled over a few replays
 (torch.profiler, CUDA kernels grouped by name), next to what the weight GEMVs alone cost
 (every layer's projections as separate matmuls, then with q/k/v and gate/up concatenated),
 each captured in a CUDA graph over all layers with distinct weights (so nothing sits in L2).
@@ -86,13 +87,14 @@ def gemv(cfg, batch: int) -> dict:
     return res
 
 
-def profile_step(model, batch: int, prompt_len: int, compile) -> dict:
+def profile_step(model, batch: int, prompt_len: int, compile, fuse: bool = True) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
     new = 48
     cache = MoaCache(model, max_length=prompt_len + new)
     with torch.no_grad():
         first = prefill(model, cache, ids, chunk=4096).argmax(-1)
-        dec = GreedyDecoder(model, cache, first, torch.full_like(first, prompt_len), new, [], 0, compile=compile)
+        dec = GreedyDecoder(model, cache, first, torch.full_like(first, prompt_len), new, [], 0, compile=compile,
+                            fuse=fuse)
         t0 = time.perf_counter()
         dec.capture()
         torch.cuda.synchronize()
@@ -117,7 +119,7 @@ def profile_step(model, batch: int, prompt_len: int, compile) -> dict:
     kernels.sort(key=lambda k: -k["us_per_step"])
     del dec, cache
     torch.cuda.empty_cache()
-    return {"batch": batch, "compile": str(compile), "step_ms": ms, "capture_s": cap,
+    return {"batch": batch, "compile": str(compile), "fuse": fuse, "step_ms": ms, "capture_s": cap,
             "gpu_us_per_step": sum(k["us_per_step"] for k in kernels),
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "kernels": kernels}
 
@@ -129,6 +131,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16384)
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--no-gemv", action="store_true")
+    p.add_argument("--unfused-too", action="store_true",
+                   help="also profile the step with transformers' forward (separate q/k/v, gate/up matmuls)")
     p.add_argument("--json")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -154,10 +158,10 @@ def main() -> None:
     model = random_model(args.model_shape, None, final, "cuda", torch.bfloat16)
     shape = ModelShape.from_config(model.config)
     apply_plan(model, uniform_plan(shape, sink=64, span_fraction=(args.density * final - 64) / final))
-    for b in batches:
-        r = profile_step(model, b, args.prompt_len, True)
+    for b, fuse in [(b, f) for b in batches for f in ((True, False) if args.unfused_too else (True,))]:
+        r = profile_step(model, b, args.prompt_len, True, fuse)
         out["steps"].append(r)
-        print(f"step batch {b}: {r['step_ms']:.3f} ms, GPU busy {r['gpu_us_per_step'] / 1e3:.3f} ms, "
+        print(f"step batch {b}{'' if fuse else ' (unfused)'}: {r['step_ms']:.3f} ms, GPU busy {r['gpu_us_per_step'] / 1e3:.3f} ms, "
               f"{r['launches_per_step']:.0f} launches, capture {r['capture_s']:.1f} s", flush=True)
         for k in r["kernels"][:25]:
             print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:6.1f}x  {k['name']}", flush=True)

@@ -294,6 +294,19 @@ def test_fused_decode_forward_equals_transformers_forward(family):
     assert len(set(ptrs)) == len(ptrs) - int(model.config.tie_word_embeddings), "weights still share storage"
 
 
+def test_a_fused_model_saves_and_loads_its_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moa_search.fused import fuse
+
+    model = tiny_model()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fuse(model) is not None
+    model.save_pretrained(tmp_path)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_fused_forward_is_left_out_where_it_does_not_apply():
     from moa_search.fused import fuse
 
