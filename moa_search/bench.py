@@ -64,6 +64,30 @@ def random_model(shape: str, layers: int | None, max_len: int, device, dtype):
     return model.eval().requires_grad_(False)
 
 
+def graph_ms(fn, reps: int = 20) -> float:
+    """ms per call of fn (CUDA): run once on a side stream (compiles, cuBLAS choices), captured
+    once as a CUDA graph, then the mean of `reps` replays (no launch overhead in the number)."""
+    import time
+
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / reps
+
+
 def add_arguments(p) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__

@@ -12,29 +12,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 
 import torch
 
+from moa_search.bench import graph_ms
 from moa_search.kernels.decode import packed_decode_attention, split_count, work_items
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / reps
 
 
 def main() -> None:

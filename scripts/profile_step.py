@@ -19,29 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from moa_search import apply_plan
-from moa_search.bench import random_model
+from moa_search.bench import graph_ms, random_model
 from moa_search.generation import GreedyDecoder, prefill
 from moa_search.hf_adapter import MoaCache
 from moa_search.plan import ModelShape, uniform_plan
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    """ms per call of fn, captured once as a CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / reps
 
 
 def gemv(cfg, batch: int) -> dict:
