@@ -219,6 +219,8 @@ def append_kv(keys, values, k, v, rows) -> None:
     keys/values: [B, T, D]; k, v: [B, Hkv, D] (any strides but a contiguous last dim);
     rows: int64 [B, Hkv] contiguous (CompressedKV.begin)."""
     B, Hkv, D = k.shape
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
     rows = rows.contiguous()
     _append_kernel[(B * Hkv,)](keys, values, k, v, rows, Hkv, keys.stride(0), keys.stride(1), values.stride(0),
                                values.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), D=D)

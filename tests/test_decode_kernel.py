@@ -117,6 +117,11 @@ def test_append_kernel_writes_what_index_put_writes():
     want_v.index_put_((bidx, rows), v)
     append_kv(keys, values, k, v, rows)
     assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    # a last dimension that is not contiguous is copied first, not read with the wrong stride
+    k2 = torch.randn(B, Hkv, D, 2, generator=g)[..., 0]
+    append_kv(keys, values, k2, v, rows)
+    want_k.index_put_((bidx, rows), k2)
+    assert torch.equal(keys, want_k)
 
 
 @pytest.mark.parametrize("batch,hkv,measured_best", [
