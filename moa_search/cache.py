@@ -34,8 +34,8 @@ import torch
 
 from . import rules as R
 from .attention import LayerRule
-from .kernels import decode as K
 from .errors import MoaError
+from .kernels import decode as K
 
 
 class MoaCacheError(MoaError, RuntimeError):

@@ -144,8 +144,8 @@ def decode_forward(model, fused: list[FusedLayer], input_ids, position_ids) -> t
         q, k, v = q.view(B, 1, -1, D), k.view(B, 1, -1, D), v.view(B, 1, -1, D)
         if hasattr(attn, "q_norm"):                                           # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = rec.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)           # [B, H, 1, D]
-        o = runtime.attention(i, q, k, v.transpose(1, 2), None, attn.scaling)  # [B, Hq, 1, D]
+        q, k = rec.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)       # [B, H, 1, D]
+        o = runtime.attention(i, q, k, v.transpose(1, 2), None, attn.scaling)   # [B, Hq, 1, D]
         h = h + attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
         x = layer.post_attention_layernorm(h)
         gate, up = F.linear(x, rec.gate_up).chunk(2, -1)
