@@ -27,8 +27,9 @@ and the decode floor: the bytes a step must read (the weights, less the input em
 the KV cache it attends to) / the measured HBM bandwidth (a large device copy).
 
 Examples:
-    moa bench e2e --model-shape llama-7b --plans 0.5,0.25,moa --prompt-len 16384
+    moa bench e2e --model-shape llama-7b --plans 0.5,0.25,moa --prompt-len 16384 --plot e2e.png
     moa bench e2e --model-shape llama3-8b --paths hf-static,moa-graph --batches 1
+    moa bench e2e --from-json a.json b.json --plot all.png      # redraw earlier runs, no GPU
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,7 +58,8 @@ def add_arguments(p) -> None:
                    help="comma-separated plans for the moa paths: a number = uniform StreamingLLM plan of that KV "
                         "density at prompt + new tokens; 'moa' = a heterogeneous plan in the official MoA format "
                         "(KV density 0.5, converted like `moa plan convert`); or a plan file (default 0.5)")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help=f"comma-separated subset of {','.join(PATHS)} (with --from-json: the rows drawn)")
     p.add_argument("--prompt-len", type=int, default=16384, help="prompt tokens (default 16384)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per run (default 32)")
     p.add_argument("--batches", default="1,max", help="batches to run: integers and/or 'max' (default 1,max)")
@@ -70,6 +73,10 @@ def add_arguments(p) -> None:
                    help="also prefill one prompt of this many tokens (e.g. 131072) at batch 1: the first plan's "
                         "moa-graph (chunked into the compressed cache) and hf-default (dense cache); time and peak")
     p.add_argument("--json", help="write the results here (updated after every row)")
+    p.add_argument("--plot", metavar="PNG", help="draw decode ms/token of every row beside its floor")
+    p.add_argument("--from-json", metavar="JSON", nargs="+",
+                   help="run nothing: read earlier --json results (several runs, several shapes), print their "
+                        "tables and draw them with --plot (no GPU needed)")
 
 
 # ----------------------------------------------------------------------------- model, plans
@@ -267,8 +274,10 @@ def run(args) -> int:
     from .apply import apply_plan, remove_plan
     from .bench_decode import _versions
 
+    if args.from_json:
+        return replot(args.from_json, args.plot, [p.strip() for p in args.paths.split(",") if p.strip()])
     if not torch.cuda.is_available():
-        print("moa bench e2e: needs a CUDA device", file=sys.stderr)
+        print("moa bench e2e: needs a CUDA device (or --from-json to redraw earlier results)", file=sys.stderr)
         return 2
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     bad = sorted(set(paths) - set(PATHS))
@@ -347,7 +356,74 @@ def run(args) -> int:
         row(path, "dense", None, 1.0)
     print(format_table(res))
     save()
+    if args.plot:
+        print(f"wrote {plot_rows([res], args.plot)}")
     return 0
+
+
+def replot(paths: list[str], png: str | None, keep: list[str] = PATHS) -> int:
+    """--from-json: the tables of earlier runs, and their rows in one picture (the rows of the
+    paths in `keep`, --paths)."""
+    from .errors import MoaError
+
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except (OSError, ValueError) as e:
+            raise MoaError(f"{path}: not a `moa bench e2e --json` result ({e})") from e
+        if not isinstance(res, dict) or "rows" not in res:
+            raise MoaError(f"{path}: not a `moa bench e2e --json` result (no 'rows')")
+        res = dict(res, rows=[r for r in res["rows"] if r.get("path") in keep], source=Path(path).stem)
+        runs.append(res)
+        print(format_table(res) + "\n")
+    if png:
+        print(f"wrote {plot_rows(runs, png)}")
+    return 0
+
+
+def plot_rows(runs: list[dict], path) -> str:
+    """One bar per row of every run: decode ms per token, its floor as a black tick, tokens/s and
+    x floor written beside; batch 1 on the left, larger batches on the right. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(run, r) for run in runs for r in run["rows"]]
+    panels = [("batch 1", [x for x in rows if x[1]["batch"] == 1]),
+              ("largest batch", [x for x in rows if x[1]["batch"] > 1])]
+    panels = [p for p in panels if p[1]]
+    height = max(len(p[1]) for p in panels) if panels else 1
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(7.5 * max(1, len(panels)), 1.2 + 0.42 * height),
+                             squeeze=False)
+    for ax, (title, items) in zip(axes[0], panels):
+        labels = [f"{run['model']} {r['path']} {r['plan']} b{r['batch']}" for run, r in items]
+        labels = [f"{x} ({run['source']})" if labels.count(x) > 1 and run.get("source") else x
+                  for x, (run, _) in zip(labels, items)]                      # the same row from two runs
+        ys = range(len(items))
+        ms = [r["decode_ms"] for _, r in items]
+        colors = ["tab:blue" if r["path"].startswith("moa") else "tab:gray" for _, r in items]
+        ax.barh(ys, ms, color=colors)
+        ax.scatter([r["floor_ms"] for _, r in items], ys, marker="|", s=300, color="k", zorder=3,
+                   label="floor (bytes / HBM bandwidth)")
+        for y, (_, r) in zip(ys, items):
+            ax.text(r["decode_ms"], y, f" {r['tokens_per_s']:.0f} tok/s, {r['x_floor']:.2f}x", va="center",
+                    fontsize=8)
+        ax.set_yticks(list(ys), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(ms) * 1.45)
+        ax.set_xlabel("decode ms per token (lower is better)")
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    dev = sorted({run.get("device", "?") for run in runs})
+    fig.suptitle(f"moa bench e2e: whole-model decode, {', '.join(dev)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def long_prefill(model, plan, args, log) -> list[dict]:

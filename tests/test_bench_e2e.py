@@ -46,3 +46,29 @@ def test_table_lists_every_row_and_the_long_prompt():
     text = format_table(res)
     assert "| moa-graph | uniform 0.5 (0.50) | 1 | 600 | 6.00 | 166 | 4.00 | 1.50 | 20.0 |" in text
     assert "prompt of 131072 tokens, batch 1, moa-graph (uniform 0.5): first token after 9.00 s, peak 30.0 GiB" in text
+
+
+def test_from_json_redraws_earlier_runs_and_names_a_bad_file(tmp_path, capsys):
+    import json
+
+    from moa_search.bench_e2e import replot
+    from moa_search.errors import MoaError
+
+    row = {"path": "moa-compiled", "plan": "uniform 0.5", "kv_density": 0.5, "batch": 1, "ttft_ms": 600.0,
+           "decode_ms": 5.5, "tokens_per_s": 182.0, "floor_ms": 3.8, "x_floor": 1.45, "peak_gib": 17.0}
+    dense = dict(row, path="hf-static", plan="dense", kv_density=1.0, batch=9, decode_ms=44.0, x_floor=2.06)
+    base = {"model": "llama3-8b", "layers": 32, "prompt_len": 16384, "new_tokens": 32, "device": "GPU",
+            "hbm_gbps": 4200.0, "weight_bytes": 14 * 2**30, "repeats": 3}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(dict(base, rows=[row, dense])))
+    b.write_text(json.dumps(dict(base, rows=[dict(row, decode_ms=5.2)])))
+    png = tmp_path / "e2e.png"
+    assert replot([str(a), str(b)], str(png), keep=["moa-compiled"]) == 0
+    out = capsys.readouterr().out
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "| moa-compiled | uniform 0.5 (0.50) | 1 | 600 | 5.50 |" in out and "5.20" in out
+    assert "hf-static" not in out                                   # --paths keeps the rows drawn
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(MoaError, match="bad.json"):
+        replot([str(bad)], None)
