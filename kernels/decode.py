@@ -227,7 +227,6 @@ def append_kv(keys, values, k, v, rows) -> None:
 
 
 BLOCK_N = 64                 # the decode kernel's tile of slots (scripts/decode_sweep.py)
-_SM_COUNT: dict = {}
 # Programs of the default tile (BLOCK_N=64, 8 warps, 3 stages) that run at once per SM, as
 # scripts/decode_sweep.py measured on the H200 (the split count that fits waves of this size wins).
 _RESIDENT_PER_SM = 3
@@ -292,10 +291,12 @@ def sm_count(device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 4
-    dev = device.index if device.index is not None else torch.cuda.current_device()
-    if dev not in _SM_COUNT:
-        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return _SM_COUNT[dev]
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def packed_decode_attention(q, keys, values, off, cap, s0: int, sink: int, span, n, scale=None,

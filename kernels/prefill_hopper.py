@@ -35,7 +35,6 @@ whether ptxas serialized the MMAs (at the 168-register cap a second live S/P/acc
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -56,6 +55,7 @@ from .blocks import _item_blocks as _item_blocks_tl
 from .blocks import _mask_kind as _mask_kind_tl
 from .blocks import _sink_fits as _sink_fits_tl
 from .blocks import _token_mask as _token_mask_tl
+from .decode import sm_count
 
 if HAVE_GLUON:
     # the block ranges, visit order and token masks of kernels/prefill.py compiled as Gluon: one
@@ -341,11 +341,6 @@ CONFIG = {128: (128, 3, 1), 64: (128, 4, 2)}
 ROWS = 64
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def supported(q, k, v) -> bool:
     """Whether this kernel can run these tensors (else use kernels/prefill.py)."""
     if not HAVE_GLUON or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -381,7 +376,7 @@ def hopper_prefill(q, k, v, span, start, end, sink: int, scale: float, out, lse,
 
     BH = B * Hq
     num_tiles = triton.cdiv(Nq, 2 * ROWS) * BH
-    grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
+    grid = (min(num_tiles, sm_count(q.device)) if persistent else num_tiles,)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the items handed out so far
     _hopper_fwd[grid](out, lse, span, start, end, counter, desc(q, ROWS), desc(k, bn), desc(v, bn),
                       scale * LOG2E, int(sink), Nq, Nk, Hq, Hq // Hkv, BH, out.stride(0), out.stride(1), out.stride(2),
