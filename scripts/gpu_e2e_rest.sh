@@ -2,9 +2,9 @@
 # The whole-model rows issue 18 still lacks after session 9, one device call each (each fits the
 # 600 s limit of a call; BENCHMARKS.md "Session 9" says why they are missing):
 #   PART=hf7   transformers' compiled static cache (its best dense path), Llama-7B shape, at its
-#              largest batch: the 1.7x comparison's baseline
+#              largest batch (the 1.7x comparison's baseline), then at batch 1 (largest first: the
+#              batch-1 CUDA graphs must not hold memory the largest batch needs)
 #   PART=hf8   the same on the Llama-3-8B shape
-#   PART=hf7b1 the same at batch 1 on Llama-7B (the "faster than compiled static" check)
 #   PART=max8  moa-compiled on Llama-3-8B at the plan's own largest batch (no cap; about 80 at KV
 #              density 0.5), uniform 0.5
 #   PART=q7    moa-compiled, the 0.25 plan, Llama-7B, batch 1 and its largest batch
@@ -12,10 +12,9 @@
 # Results: $OUT/e2e_<part>.json (or ./gpu_out).
 source scripts/gpu_setup.sh
 common="--prompt-len 16384 --new-tokens 32 --repeats 3"
-case "${PART:?set PART to hf7, hf8, hf7b1, max8 or q7}" in
-  hf7)   args="--model-shape llama-7b --paths hf-compiled --batches max" ;;
+case "${PART:?set PART to hf7, hf8, max8 or q7}" in
+  hf7)   args="--model-shape llama-7b --paths hf-compiled --batches max,1" ;;
   hf8)   args="--model-shape llama3-8b --paths hf-compiled --batches max" ;;
-  hf7b1) args="--model-shape llama-7b --paths hf-compiled,hf-static --batches 1" ;;
   max8)  args="--model-shape llama3-8b --plans 0.5 --paths moa-compiled --batches max --max-batch 128" ;;
   q7)    args="--model-shape llama-7b --plans 0.25 --paths moa-compiled --batches 1,max --max-batch 64" ;;
   *)     echo "unknown PART=$PART"; exit 2 ;;
