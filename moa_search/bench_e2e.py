@@ -62,7 +62,9 @@ def add_arguments(p) -> None:
                    help=f"comma-separated subset of {','.join(PATHS)} (with --from-json: the rows drawn)")
     p.add_argument("--prompt-len", type=int, default=16384, help="prompt tokens (default 16384)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per run (default 32)")
-    p.add_argument("--batches", default="1,max", help="batches to run: integers and/or 'max' (default 1,max)")
+    p.add_argument("--batches", default="1,max",
+                   help="batches to run: integers and/or 'max' (default 1,max); with --from-json, the rows shown: "
+                        "those batches, 'max' = each model, path and plan at its largest batch in the runs read")
     p.add_argument("--max-batch", type=int, default=64, help="cap of the largest batch (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is reported (default 3)")
     p.add_argument("--prefill-chunk", type=int, default=4096,
@@ -275,7 +277,8 @@ def run(args) -> int:
     from .bench_decode import _versions
 
     if args.from_json:
-        return replot(args.from_json, args.plot, [p.strip() for p in args.paths.split(",") if p.strip()])
+        return replot(args.from_json, args.plot, [p.strip() for p in args.paths.split(",") if p.strip()],
+                      [b.strip() for b in args.batches.split(",") if b.strip()])
     if not torch.cuda.is_available():
         print("moa bench e2e: needs a CUDA device (or --from-json to redraw earlier results)", file=sys.stderr)
         return 2
@@ -361,9 +364,11 @@ def run(args) -> int:
     return 0
 
 
-def replot(paths: list[str], png: str | None, keep: list[str] = PATHS) -> int:
-    """--from-json: the tables of earlier runs, and their rows in one picture (the rows of the
-    paths in `keep`, --paths)."""
+def replot(paths: list[str], png: str | None, keep: list[str] = PATHS, batches: list[str] = ("1", "max")) -> int:
+    """--from-json: the tables of earlier runs, and their rows in one picture: the rows of the
+    paths in `keep` (--paths) at `batches` (--batches: integers, and 'max' for each model, path
+    and plan's largest batch across all the runs, so a later run at a larger batch replaces the
+    smaller one in the picture)."""
     from .errors import MoaError
 
     runs = []
@@ -375,17 +380,27 @@ def replot(paths: list[str], png: str | None, keep: list[str] = PATHS) -> int:
             raise MoaError(f"{path}: not a `moa bench e2e --json` result ({e})") from e
         if not isinstance(res, dict) or "rows" not in res:
             raise MoaError(f"{path}: not a `moa bench e2e --json` result (no 'rows')")
-        res = dict(res, rows=[r for r in res["rows"] if r.get("path") in keep], source=Path(path).stem)
-        runs.append(res)
-        print(format_table(res) + "\n")
+        runs.append(dict(res, rows=[r for r in res["rows"] if r.get("path") in keep], source=Path(path).stem))
+    key = lambda run, r: (run.get("model"), r.get("path"), r.get("plan"))     # noqa: E731
+    largest = {}
+    for run in runs:
+        for r in run["rows"]:
+            largest[key(run, r)] = max(largest.get(key(run, r), 0), r["batch"])
+    wanted = {int(b) for b in batches if b != "max"}
+    for run in runs:
+        run["rows"] = [r for r in run["rows"]
+                       if r["batch"] in wanted or ("max" in batches and r["batch"] == largest[key(run, r)])]
+        print(format_table(run) + "\n")
     if png:
         print(f"wrote {plot_rows(runs, png)}")
     return 0
 
 
 def plot_rows(runs: list[dict], path) -> str:
-    """One bar per row of every run: decode ms per token, its floor as a black tick, tokens/s and
-    x floor written beside; batch 1 on the left, larger batches on the right. Returns the path."""
+    """One bar per row of every run, its floor as a black tick and x floor written beside: batch 1
+    on the left as decode ms per token (latency is what a batch-1 user waits on), larger batches
+    on the right as tokens/s (rows there differ in batch, so ms per token would not compare).
+    Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,21 +418,28 @@ def plot_rows(runs: list[dict], path) -> str:
         labels = [f"{x} ({run['source']})" if labels.count(x) > 1 and run.get("source") else x
                   for x, (run, _) in zip(labels, items)]                      # the same row from two runs
         ys = range(len(items))
-        ms = [r["decode_ms"] for _, r in items]
+        if title == "batch 1":
+            val = [r["decode_ms"] for _, r in items]
+            floor = [r["floor_ms"] for _, r in items]
+            note = [f" {r['decode_ms']:.2f} ms, {r['x_floor']:.2f}x" for _, r in items]
+            xlabel = "decode ms per token (lower is better)"
+        else:
+            val = [r["tokens_per_s"] for _, r in items]
+            floor = [1e3 * r["batch"] / r["floor_ms"] for _, r in items]      # the most tokens/s its bytes allow
+            note = [f" {r['tokens_per_s']:.0f} tok/s, {r['x_floor']:.2f}x" for _, r in items]
+            xlabel = "decode tokens/s at that batch (higher is better)"
         colors = ["tab:blue" if r["path"].startswith("moa") else "tab:gray" for _, r in items]
-        ax.barh(ys, ms, color=colors)
-        ax.scatter([r["floor_ms"] for _, r in items], ys, marker="|", s=300, color="k", zorder=3,
-                   label="floor (bytes / HBM bandwidth)")
-        for y, (_, r) in zip(ys, items):
-            ax.text(r["decode_ms"], y, f" {r['tokens_per_s']:.0f} tok/s, {r['x_floor']:.2f}x", va="center",
-                    fontsize=8)
+        ax.barh(ys, val, color=colors)
+        ax.scatter(floor, ys, marker="|", s=300, color="k", zorder=3, label="floor (bytes / HBM bandwidth)")
+        for y, v, f, t in zip(ys, val, floor, note):
+            ax.text(max(v, f), y, t, va="center", fontsize=8)                  # right of the bar and its tick
         ax.set_yticks(list(ys), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlim(0, max(ms) * 1.45)
-        ax.set_xlabel("decode ms per token (lower is better)")
+        ax.set_xlim(0, max(val + floor) * 1.35)
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     dev = sorted({run.get("device", "?") for run in runs})
     fig.suptitle(f"moa bench e2e: whole-model decode, {', '.join(dev)}", fontsize=10)
     fig.tight_layout()

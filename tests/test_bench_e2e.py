@@ -60,14 +60,21 @@ def test_from_json_redraws_earlier_runs_and_names_a_bad_file(tmp_path, capsys):
     base = {"model": "llama3-8b", "layers": 32, "prompt_len": 16384, "new_tokens": 32, "device": "GPU",
             "hbm_gbps": 4200.0, "weight_bytes": 14 * 2**30, "repeats": 3}
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(dict(base, rows=[row, dense])))
-    b.write_text(json.dumps(dict(base, rows=[dict(row, decode_ms=5.2)])))
+    a.write_text(json.dumps(dict(base, rows=[row, dense, dict(row, batch=4, decode_ms=7.0)])))
+    b.write_text(json.dumps(dict(base, rows=[dict(row, decode_ms=5.2), dict(row, batch=8, decode_ms=9.0)])))
     png = tmp_path / "e2e.png"
     assert replot([str(a), str(b)], str(png), keep=["moa-compiled"]) == 0
     out = capsys.readouterr().out
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "| moa-compiled | uniform 0.5 (0.50) | 1 | 600 | 5.50 |" in out and "5.20" in out
     assert "hf-static" not in out                                   # --paths keeps the rows drawn
+    assert "| 8 | 600 | 9.00 |" in out and "| 4 | 600 |" not in out  # 'max': batch 8 of b replaces a's 4
+    assert replot([str(a), str(b)], None, keep=["moa-compiled"], batches=["4"]) == 0
+    out = capsys.readouterr().out
+    assert "| 4 | 600 | 7.00 |" in out and "| 1 | 600 |" not in out and "| 8 | 600 |" not in out
+    both = tmp_path / "both.png"                                    # a batch-1 panel and a tokens/s panel
+    assert replot([str(a)], str(both)) == 0 and both.read_bytes()[:4] == b"\x89PNG"
+    assert "| hf-static | dense (1.00) | 9 |" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(MoaError, match="bad.json"):
