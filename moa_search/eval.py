@@ -422,7 +422,10 @@ def _progress_key(model_sig: dict, cfg: Config, plan, items: list[dict], metrics
             "items": [[it.get("id"), it.get("task"), it["length"], it.get("prompt"), it.get("reference"),
                        it.get("input_ids")] for it in items],
             "metrics": list(metrics), "mode": mode, "chat": chat, "max_new_tokens": max_new_tokens,
-            "backend": backend, "name": cfg.name, "plan": None if plan is None else plan.to_dict()}
+            "backend": backend, "name": cfg.name,
+            # the plan's rules, not its provenance: that holds when it was made, and a uniform plan
+            # is made anew by every run (with it, a resumed run scored the uniform config again)
+            "plan": None if plan is None else {k: v for k, v in plan.to_dict().items() if k != "provenance"}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -339,6 +339,10 @@ def test_a_run_cut_short_resumes_from_its_progress_file(model, tok, tmp_path, mo
     calls = []
     real = E.evaluate_items
     monkeypatch.setattr(E, "evaluate_items", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import moa_search.plan as P
+
+    made = P.provenance
+    monkeypatch.setattr(P, "provenance", lambda **e: {**made(**e), "created": "a minute later"})  # the uniform plan's
     again = E.run_configs(model, tok, configs, items, metrics=("ppl",), batch_size=2, mode="forced",
                           backend="reference", progress=False, resume=progress)
     assert calls == [] and [r["loss"] for r in again] == [r["loss"] for r in first]
