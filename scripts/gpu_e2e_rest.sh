@@ -1,6 +1,6 @@
 #!/bin/bash
-# The whole-model rows issue 18 still lacks after session 9, one device call each (each fits the
-# 600 s limit of a call; BENCHMARKS.md "Session 9" says why they are missing):
+# The whole-model rows issue 18 lacked after session 9, one device call each (each fits the
+# 600 s limit of a call; measured in session 10: BENCHMARKS.md "Session 10" has the results):
 #   PART=hf7   transformers' compiled static cache (its best dense path), Llama-7B shape, at its
 #              largest batch (the 1.7x comparison's baseline), then at batch 1 (largest first: the
 #              batch-1 CUDA graphs must not hold memory the largest batch needs)
