@@ -246,8 +246,9 @@ def chunk_tiles(tiles: list[int], batch: int, sms: int) -> int:
 
     Measured (scripts/decode_sweep.py, H200, uniform 8216 slots): it picks the best split count, or
     one within 1% of it or unmeasured between such, at batch 8 and 32 with 8 KV heads and batch 1,
-    27 and 49 with 32 (tests/test_decode_kernel.py), where "fill the GPU twice" was up to 14% slower. Items of one size serve heads of any width alike (a plan's heads
-    differ), where a fixed number of splits per head makes the widest heads' programs the tail."""
+    27 and 49 with 32 (tests/test_decode_kernel.py), where "fill the GPU twice" was up to 14%
+    slower. Items of one size serve heads of any width alike (a plan's heads differ), where a
+    fixed number of splits per head makes the widest heads' programs the tail."""
     return _chunk_tiles(tuple(tiles), batch, sms)
 
 

@@ -35,7 +35,6 @@ whether ptxas serialized the MMAs (at the 168-register cap a second live S/P/acc
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 

@@ -16,7 +16,7 @@ import json
 import torch
 
 from moa_search.bench import graph_ms
-from moa_search.kernels.decode import packed_decode_attention, split_count, work_items
+from moa_search.kernels.decode import packed_decode_attention, sm_count, split_count, work_items
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
         cap = torch.full((Hkv,), S - 64, dtype=torch.int32, device=dev)
         n = torch.full((B,), 16400, dtype=torch.int64, device=dev)
         span = torch.full((B, Hq), S - 64, dtype=torch.int64, device=dev)
-        auto = split_count(B * Hkv, S, 64, torch.cuda.get_device_properties(0).multi_processor_count)
+        auto = split_count(B * Hkv, S, 64, sm_count("cuda"))
         bound_ms = 1e3 * per_layer * L / bw
         configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
         for (bn, warps, stages), sp in itertools.product(configs, args.splits.split(",")):
